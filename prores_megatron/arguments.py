@@ -1,0 +1,102 @@
+"""ProRes command-line flags for Megatron-LM, and their validation.
+
+Contract: ``add_prores_args(parser)`` is a Megatron ``extra_args_provider``; ``validate_prores_args(
+args)`` runs right after Megatron parses, before any model is built, and either raises
+``ProResArgumentError`` naming the flag and what to do, or normalises ``args`` in place:
+``args.prores_schedule`` becomes the canonical name and ``args.prores_warmup_steps`` the per-layer T
+(derived from ``--prores-total-warmup-steps`` when that was given). Plain argparse: no Megatron import.
+"""
+
+import argparse
+import warnings
+
+from .schedules import (
+    SCHEDULES,
+    canonical_schedule,
+    needs_warmup_steps,
+    total_warmup_steps,
+    warmup_steps_from_total,
+)
+
+
+class ProResArgumentError(ValueError):
+    """A ProRes flag is missing, malformed or inconsistent."""
+
+
+def add_prores_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    group = parser.add_argument_group(title="ProRes (progressive residual warmup)")
+    group.add_argument(
+        "--prores-schedule",
+        type=str,
+        default="linear",
+        help=f"alpha(l, t) schedule: {', '.join(SCHEDULES)} (the reference implementation's "
+        "names are accepted too). 'none' is the plain architecture (alpha = 1).",
+    )
+    group.add_argument(
+        "--prores-warmup-steps",
+        type=float,
+        default=None,
+        help="Per-layer warmup length T in optimizer steps (the paper's T; may be fractional). "
+        "Layer l reaches alpha = 1 at step T*l under 'linear'.",
+    )
+    group.add_argument(
+        "--prores-total-warmup-steps",
+        type=float,
+        default=None,
+        help="Total warmup T*L (T for 'equal'): the step at which every layer has reached "
+        "alpha = 1, the reference implementation's convention. Excludes --prores-warmup-steps.",
+    )
+    return parser
+
+
+def validate_prores_args(args) -> None:
+    try:
+        args.prores_schedule = canonical_schedule(args.prores_schedule)
+    except ValueError as err:
+        raise ProResArgumentError(f"--prores-schedule: {err}") from None
+    per_layer, total = args.prores_warmup_steps, args.prores_total_warmup_steps
+    if per_layer is not None and total is not None:
+        raise ProResArgumentError(
+            "--prores-warmup-steps and --prores-total-warmup-steps are mutually exclusive: give "
+            "the per-layer T or the total T*L, not both"
+        )
+    for flag, value in (("--prores-warmup-steps", per_layer), ("--prores-total-warmup-steps", total)):
+        if value is not None and not (value > 0 and value != float("inf")):
+            raise ProResArgumentError(f"{flag}={value} must be a positive, finite number of steps")
+    L = args.num_layers
+    if needs_warmup_steps(args.prores_schedule):
+        if per_layer is None and total is None:
+            raise ProResArgumentError(
+                f"--prores-schedule {args.prores_schedule} warms layers up over time and needs "
+                "--prores-warmup-steps T (per layer; the paper uses 1000, 500 at >= 96 layers) "
+                "or --prores-total-warmup-steps T*L"
+            )
+    elif per_layer is not None or total is not None:
+        warnings.warn(
+            f"--prores-schedule {args.prores_schedule} does not depend on the step; the warmup "
+            "length given is ignored",
+            stacklevel=2,
+        )
+    if total is not None:
+        args.prores_warmup_steps = warmup_steps_from_total(args.prores_schedule, total, L)
+    if needs_warmup_steps(args.prores_schedule):
+        end = total_warmup_steps(args.prores_schedule, args.prores_warmup_steps, L)
+        train_iters = getattr(args, "train_iters", None)
+        if train_iters and end >= train_iters:
+            warnings.warn(
+                f"ProRes warmup ends at step {end:g} (schedule {args.prores_schedule}, T = "
+                f"{args.prores_warmup_steps:g}, L = {L}) but --train-iters is {train_iters}: "
+                f"the deepest layers never reach alpha = 1 in this run",
+                stacklevel=2,
+            )
+
+
+def describe_prores_args(args) -> str:
+    """One line for the training log."""
+    if not needs_warmup_steps(args.prores_schedule):
+        return f"ProRes: schedule {args.prores_schedule} (static), L = {args.num_layers}"
+    end = total_warmup_steps(args.prores_schedule, args.prores_warmup_steps, args.num_layers)
+    return (
+        f"ProRes: schedule {args.prores_schedule}, T = {args.prores_warmup_steps:g} steps per "
+        f"layer, L = {args.num_layers}, every layer at alpha = 1 from step {end:g}"
+    )

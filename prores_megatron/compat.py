@@ -1,0 +1,71 @@
+"""Every megatron-core name prores-megatron depends on, imported in one place.
+
+Contract: the other core modules import Megatron symbols only from here, so a megatron-core upgrade
+touches this file alone. Nothing here imports ``megatron.training`` (the core must stay usable from
+Megatron-Bridge or NeMo); the Megatron-LM glue keeps its own imports in ``megatron_lm.py``.
+Targets megatron-core 0.19.2.
+"""
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_layer import (
+    BaseTransformerLayer,
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
+from megatron.core.utils import get_attr_wrapped_model
+
+MEGATRON_CORE_TARGET = "0.19.2"
+
+# TransformerLayerSubmodules fields that hold a residual add (cross-attention has none in GPT).
+BDA_FIELDS = ("self_attn_bda", "cross_attn_bda", "mlp_bda")
+
+
+def have_transformer_engine() -> bool:
+    """True when Transformer Engine imports (it cannot without a GPU)."""
+    try:
+        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # TE raises RuntimeError (not ImportError) when cuDNN is missing
+        return False
+    from megatron.core.extensions import transformer_engine as mcore_te
+
+    return bool(getattr(mcore_te, "HAVE_TE", False))
+
+
+def decoder_layers(chunk):
+    """The decoder's TransformerLayers of one model chunk, through DDP/Float16 wrappers.
+
+    Accepts a GPTModel (wrapped or not), a TransformerBlock, or a single layer. MTP layers are not
+    decoder layers and are skipped (they live outside ``decoder``).
+    """
+    if isinstance(chunk, BaseTransformerLayer):
+        return [chunk]
+    if isinstance(chunk, TransformerBlock):
+        return list(chunk.layers)
+    try:
+        decoder = get_attr_wrapped_model(chunk, "decoder")
+    except RuntimeError:
+        decoder = None
+    if decoder is None:
+        # A wrapped TransformerBlock, or a model without a decoder (refused by the caller).
+        inner = chunk
+        while hasattr(inner, "module") and not isinstance(inner, TransformerBlock):
+            inner = inner.module
+        return list(inner.layers) if isinstance(inner, TransformerBlock) else []
+    return list(decoder.layers)
+
+
+def default_pp_group():
+    """megatron-core's global pipeline group when model parallelism is initialised, else None."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    return parallel_state.get_pipeline_model_parallel_group()

@@ -1,0 +1,22 @@
+"""prores-megatron: Progressive Residual Warmup for megatron-core / Megatron-LM."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="prores-megatron",
+    version="0.1.0",
+    description="Progressive Residual Warmup (ProRes) for megatron-core and Megatron-LM pretraining",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["prores_megatron", "prores_megatron.*"]),
+    python_requires=">=3.12",
+    # Never torch: installing into an existing Megatron environment (an NGC container) must keep
+    # its torch. megatron-core brings its own torch requirement; we add nothing to it.
+    install_requires=["megatron-core>=0.19.2,<0.20", "numpy"],
+    extras_require={
+        "training": ["megatron-core[training]>=0.19.2,<0.20"],
+        "hf": ["transformers", "safetensors", "sentencepiece"],
+        "test": ["pytest"],
+    },
+    entry_points={"console_scripts": ["prores-megatron-pretrain=prores_megatron.pretrain_gpt:main"]},
+)
