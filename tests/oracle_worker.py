@@ -21,7 +21,6 @@ stock megatron-core local spec)}. tp * pp must equal the world size (no data par
 """
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -59,7 +58,14 @@ def _is_cuda_device(dev):
 
 class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
     """#5: megatron-core creates tensors with device="cuda" (schedules' total_num_tokens, the
-    default causal mask) or device=torch.cuda.current_device() (p2p buffers, rotary inv_freq)."""
+    default causal mask) or device=torch.cuda.current_device() (p2p buffers, rotary inv_freq).
+
+    Caveat (torch 2.11): torch.autograd.backward itself dispatches to torch-function modes, and a
+    mode is popped while its own handler runs, so everything inside a torch.autograd.backward call
+    (e.g. the forward that full recompute re-runs, with get_default_causal_mask's device="cuda")
+    runs WITHOUT this mode. The worker therefore sets config.deallocate_pipeline_outputs=True (as
+    Megatron-LM does): the schedules then call the autograd engine directly (custom_backward).
+    """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -221,6 +227,7 @@ def build_config(cfg):
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         batch_p2p_comm=False,  # PP=2 + VPP pitfall (notes §4): batched p2p swaps tensors
+        deallocate_pipeline_outputs=True,  # Megatron-LM's default; see _CudaToCpuMode's caveat
         tensor_model_parallel_size=cfg["tp"],
         pipeline_model_parallel_size=cfg["pp"],
         sequence_parallel=False,
@@ -464,11 +471,7 @@ def main(argv=None):
     torch.distributed.init_process_group(backend="gloo")
     rank = torch.distributed.get_rank()
     world_size = torch.distributed.get_world_size()
-    t_import = time.perf_counter()
-    import megatron.core  # noqa: F401  (after the patches)
-
-    assert "megatron.training" not in sys.modules
-    import_s = time.perf_counter() - t_import
+    startup_s = time.perf_counter() - t_start
 
     batches = make_batches()
     out = {"configs": {}}
@@ -485,7 +488,7 @@ def main(argv=None):
             "megatron_core": version("megatron-core"),
             "torch": torch.__version__,
             "cuda": torch.cuda.is_available(),
-            "import_seconds": import_s,
+            "startup_seconds": startup_s,  # after `import torch`: megatron import + process group
             "total_seconds": time.perf_counter() - t_start,
         }
         tmp = args.out + ".tmp"

@@ -9,7 +9,7 @@ set -euo pipefail
 PRORES_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # The stack is pinned exactly: a torch range would pull a different multi-GB CUDA build.
 PRORES_STACK=(torch==2.11.0 "megatron-core[training]==0.19.2")
-PRORES_EXTRA=(pytest==9.2.0 safetensors sentencepiece transformers matplotlib)
+PRORES_EXTRA=(pytest==9.2.0 tensorboard safetensors sentencepiece transformers matplotlib)
 PRORES_STAMP="py3.12-torch2.11.0-mcore0.19.2"
 PRORES_VENV="${PRORES_VENV:-$HOME/.cache/prores-megatron/venv-$PRORES_STAMP}"
 
@@ -32,7 +32,8 @@ _prores_find_python() {
     return 1
 }
 
-_prores_want="$(printf '%s\n' "${PRORES_STACK[@]}" "${PRORES_EXTRA[@]}")"
+_prores_want="$(printf '%s\n' "${PRORES_STACK[@]}")"
+_prores_want_extra="$(printf '%s\n' "${PRORES_EXTRA[@]}")"
 if [[ ! -x "$PRORES_VENV/bin/python" || "$(cat "$PRORES_VENV/.prores-ready" 2>/dev/null)" != "$_prores_want" ]]; then
     if ! _prores_py="$(_prores_find_python)"; then
         echo "prores-megatron: Python 3.12 not found (megatron-core 0.19 requires Python >= 3.12)." >&2
@@ -45,12 +46,21 @@ if [[ ! -x "$PRORES_VENV/bin/python" || "$(cat "$PRORES_VENV/.prores-ready" 2>/d
     "$_prores_py" -m venv "$PRORES_VENV"
     _prores_log="$PRORES_VENV/install.log"
     if ! { "$PRORES_VENV/bin/python" -m pip install --upgrade pip \
-           && "$PRORES_VENV/bin/python" -m pip install "${PRORES_STACK[@]}" "${PRORES_EXTRA[@]}"; } >"$_prores_log" 2>&1; then
+           && "$PRORES_VENV/bin/python" -m pip install "${PRORES_STACK[@]}"; } >"$_prores_log" 2>&1; then
         tail -20 "$_prores_log" >&2
         echo "prores-megatron: installing the stack failed (full log: $_prores_log)" >&2
         return 1 2>/dev/null || exit 1
     fi
     echo "$_prores_want" > "$PRORES_VENV/.prores-ready"
+fi
+if [[ "$(cat "$PRORES_VENV/.prores-extra" 2>/dev/null)" != "$_prores_want_extra" ]]; then
+    # Tools and test dependencies change more often than the stack: add them in place.
+    if ! "$PRORES_VENV/bin/python" -m pip install "${PRORES_STACK[@]}" "${PRORES_EXTRA[@]}" >"$PRORES_VENV/install-extra.log" 2>&1; then
+        tail -20 "$PRORES_VENV/install-extra.log" >&2
+        echo "prores-megatron: installing ${PRORES_EXTRA[*]} failed (log: $PRORES_VENV/install-extra.log)" >&2
+        return 1 2>/dev/null || exit 1
+    fi
+    echo "$_prores_want_extra" > "$PRORES_VENV/.prores-extra"
 fi
 # --no-deps: the stack above is already pinned; the package itself never asks for torch.
 if ! "$PRORES_VENV/bin/python" -m pip install --no-deps --no-build-isolation -e "$PRORES_REPO" >"$PRORES_VENV/install-package.log" 2>&1; then
