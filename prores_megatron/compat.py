@@ -7,12 +7,14 @@ Targets megatron-core 0.19.2.
 """
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
-from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import (
     BaseTransformerLayer,
@@ -69,3 +71,22 @@ def default_pp_group():
     if not parallel_state.model_parallel_is_initialized():
         return None
     return parallel_state.get_pipeline_model_parallel_group()
+
+
+def backend_for(transformer_impl: str):
+    """megatron-core's spec provider (the classes a layer is built from) for an implementation."""
+    if transformer_impl == "local":
+        return LocalSpecProvider()
+    if transformer_impl == "transformer_engine":
+        if not have_transformer_engine():
+            raise ImportError(
+                "transformer_impl='transformer_engine' needs Transformer Engine, which is not "
+                "importable here (it needs a GPU and a CUDA build). On CPU use "
+                "transformer_impl='local' (Megatron-LM flag: --transformer-impl local)."
+            )
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        return TESpecProvider()
+    raise ValueError(
+        f"transformer_impl={transformer_impl!r} is not supported; valid choices: local, transformer_engine"
+    )

@@ -10,10 +10,13 @@ updated in place (so CUDA graphs and torch.compile see new values without re-cap
 does not know its layer: ``set_prores_step`` fills it from the owning layer's global number.
 """
 
+import functools
+
 import torch
 
 from . import compat
-from .schedules import canonical_schedule, needs_warmup_steps, _check_warmup
+from .depth_scaling import lns_scale
+from .schedules import _check_warmup, canonical_schedule, needs_warmup_steps
 
 
 class ProResBiasDropoutAdd(torch.nn.Module):
@@ -63,3 +66,92 @@ class ProResBiasDropoutAdd(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"schedule={self.schedule}, warmup_steps={self.warmup_steps}, alpha={self.alpha_value}"
+
+
+class _NormOwningBiasDropoutAdd(ProResBiasDropoutAdd):
+    """A ProRes residual that owns a norm (``norm``: the backend's norm class or spec)."""
+
+    def __init__(self, schedule="linear", warmup_steps=None, config=None, norm=None):
+        super().__init__(schedule, warmup_steps)
+        if config is None or norm is None:
+            raise ValueError(f"{type(self).__name__} needs the TransformerConfig and a norm class")
+        self.norm = compat.build_module(
+            norm, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
+        )
+
+
+class ProResSandwichBiasDropoutAdd(_NormOwningBiasDropoutAdd):
+    """Sandwich-LN: ``residual + dropout(alpha * Norm'(x + bias))``; alpha after the post-norm gain."""
+
+    def forward(self, training: bool, fused: bool):
+        scaled_add = super().forward(training, fused)
+        norm = self.norm
+
+        def sandwich_bias_dropout_add(x_with_bias, residual, prob):
+            x, bias = x_with_bias
+            if bias is not None:
+                x = x + bias
+            return scaled_add((norm(x), None), residual, prob)
+
+        return sandwich_bias_dropout_add
+
+
+class ProResPostNormBiasDropoutAdd(_NormOwningBiasDropoutAdd):
+    """Post-LN / DeepNorm: ``Norm(c * residual + dropout(alpha * (x + bias)))``, c on the skip only."""
+
+    def __init__(self, schedule="linear", warmup_steps=None, config=None, norm=None, skip_scale=1.0):
+        super().__init__(schedule, warmup_steps, config, norm)
+        self.skip_scale = float(skip_scale)  # a run-long constant: a Python float is safe here
+
+    def forward(self, training: bool, fused: bool):
+        scaled_add = super().forward(training, fused)
+        norm, c = self.norm, self.skip_scale
+
+        def post_norm_bias_dropout_add(x_with_bias, residual, prob):
+            if c != 1.0:
+                residual = residual * c
+            return norm(scaled_add(x_with_bias, residual, prob))
+
+        return post_norm_bias_dropout_add
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", skip_scale={self.skip_scale:.6g}"
+
+
+class DepthScaledNorm(torch.nn.Module):
+    """LayerNorm Scaling's pre-norm: ``Norm(x) / sqrt(l)``, a fixed factor, never learned.
+
+    Built by the layer like any norm (config, hidden_size, eps), so a spec holds a class, made per
+    backend norm by ``depth_scaled_norm(norm_class)``. The factor is bound from the owning layer's
+    global number by ``set_prores_step`` (the norm is built without it), in a non-persistent buffer.
+    """
+
+    norm_class = None
+
+    def __init__(self, config, hidden_size, eps=1e-5, **_):
+        super().__init__()
+        if self.norm_class is None:
+            raise TypeError("use depth_scaled_norm(norm_class) to get a buildable DepthScaledNorm")
+        self.norm = compat.build_module(self.norm_class, config=config, hidden_size=hidden_size, eps=eps)
+        self.register_buffer("depth_scale", torch.tensor(float("nan")), persistent=False)
+        self.layer_number = None
+
+    def bind_layer(self, layer_number: int) -> None:
+        with torch.no_grad():
+            self.depth_scale.fill_(lns_scale(layer_number))
+        self.layer_number = layer_number
+
+    def forward(self, x):
+        if self.layer_number is None:
+            raise RuntimeError(
+                "LayerNorm Scaling's 1/sqrt(l) was never bound: call "
+                "prores_megatron.set_prores_step(model, step) before the forward pass"
+            )
+        return self.norm(x) * self.depth_scale.to(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def depth_scaled_norm(norm_class) -> type:
+    """A DepthScaledNorm subclass wrapping ``norm_class`` (one class per norm, cached)."""
+    name = f"DepthScaled{getattr(norm_class, '__name__', 'Norm')}"
+    return type(name, (DepthScaledNorm,), {"norm_class": norm_class, "__module__": __name__})

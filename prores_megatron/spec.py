@@ -15,6 +15,7 @@ import copy
 import dataclasses
 
 from . import compat
+from .architectures import arch_layer_spec, check_arch
 from .residual_scale import ProResBiasDropoutAdd
 
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
@@ -29,7 +30,11 @@ def _prores_bda_spec(schedule, warmup_steps):
 
 
 def _is_prores_bda(field) -> bool:
-    return isinstance(field, compat.ModuleSpec) and field.module is ProResBiasDropoutAdd
+    return (
+        isinstance(field, compat.ModuleSpec)
+        and isinstance(field.module, type)
+        and issubclass(field.module, ProResBiasDropoutAdd)
+    )
 
 
 def _with_prores_layer(layer_spec, schedule, warmup_steps):
@@ -42,8 +47,13 @@ def _with_prores_layer(layer_spec, schedule, warmup_steps):
     replaced = {}
     for field in compat.BDA_FIELDS:
         current = getattr(submodules, field)
-        if current is compat.get_bias_dropout_add or _is_prores_bda(current):
+        if current is compat.get_bias_dropout_add:
             replaced[field] = _prores_bda_spec(schedule, warmup_steps)
+        elif _is_prores_bda(current):  # already ProRes (any architecture): re-parameterise only
+            _prores_bda_spec(schedule, warmup_steps)
+            replaced[field] = dataclasses.replace(
+                current, params=dict(current.params, schedule=schedule, warmup_steps=warmup_steps)
+            )
     if not replaced:
         raise ValueError(
             "with_prores: the layer spec has no residual add built by megatron-core's "
@@ -76,13 +86,25 @@ def get_prores_layer_spec(
     transformer_impl: str = "local",
     schedule: str = "linear",
     warmup_steps=None,
+    arch: str = "pre",
+    config=None,
     normalization: str = "RMSNorm",
     qk_layernorm: bool = False,
     num_experts=None,
     moe_grouped_gemm: bool = False,
     use_te_op_fuser: bool = False,
 ):
-    """megatron-core's GPT layer spec for ``transformer_impl`` with ProRes applied."""
+    """megatron-core's GPT layer spec for ``transformer_impl`` as ``arch``, with ProRes applied.
+
+    ``arch`` is one of pre, post, sandwich, deepnorm, lns (method doc §5); every arch but ``pre``
+    builds norms of its own and needs ``config`` (the TransformerConfig the model is built with).
+    """
+    check_arch(arch)
+    if arch != "pre" and (num_experts or use_te_op_fuser):
+        raise ValueError(
+            f"arch={arch!r} supports dense MLPs without the TE op fuser only "
+            "(Megatron-LM flags: --num-experts, --use-transformer-engine-op-fuser)"
+        )
     if transformer_impl == "local":
         base = compat.get_gpt_layer_local_spec(
             num_experts=num_experts,
@@ -110,4 +132,7 @@ def get_prores_layer_spec(
             f"transformer_impl={transformer_impl!r} is not supported; valid choices: "
             f"{', '.join(TRANSFORMER_IMPLS)}"
         )
-    return with_prores(base, schedule=schedule, warmup_steps=warmup_steps)
+    spec = with_prores(base, schedule=schedule, warmup_steps=warmup_steps)
+    if arch == "pre":
+        return spec
+    return arch_layer_spec(spec, arch, compat.backend_for(transformer_impl), config, schedule, warmup_steps)

@@ -13,7 +13,7 @@ activations could otherwise deadlock against it.
 import torch
 
 from . import compat
-from .residual_scale import ProResBiasDropoutAdd
+from .residual_scale import DepthScaledNorm, ProResBiasDropoutAdd
 from .schedules import alpha
 
 PIPELINE_FLAGS = (
@@ -126,6 +126,9 @@ def set_prores_step(model, step: int, check_coverage: bool = True) -> None:
             chunk._prores_coverage_checked = True
     for layer, scales in prores_layers(chunks):
         L = layer.config.num_layers
+        for norm in (getattr(layer, "input_layernorm", None), getattr(layer, "pre_mlp_layernorm", None)):
+            if isinstance(norm, DepthScaledNorm) and norm.layer_number != layer.layer_number:
+                norm.bind_layer(layer.layer_number)
         for scale in scales:
             if scale.step != step:
                 scale.set_alpha(alpha(scale.schedule, layer.layer_number, step, scale.warmup_steps, L), step)

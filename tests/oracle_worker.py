@@ -173,7 +173,7 @@ def set_deterministic_weights(chunks, tp_size, tp_rank):
         for chunk in chunks:
             for name, p in chunk.named_parameters():
                 key, _, local = _param_key(chunk, name)
-                kind = "norm" if "layernorm" in local else ("embedding" if "word_embeddings" in local else "linear")
+                kind = "norm" if "norm" in local else ("embedding" if "word_embeddings" in local else "linear")
                 if getattr(p, "tensor_model_parallel", False) and tp_size > 1:
                     dim = p.partition_dim
                     full_shape = list(p.shape)
@@ -404,6 +404,12 @@ def run_config(cfg, world_size, rank, batches):
             ),
         }
         cases = [(name, key, step) for name, _, _, step, key in PRORES_CASES]
+        for arch in cfg.get("archs", []):
+            # The other residual architectures (post, sandwich, deepnorm, lns), linear T=1 t=4.
+            specs[f"arch_{arch}"] = lambda arch=arch: get_prores_layer_spec(
+                transformer_impl="local", schedule="linear", warmup_steps=1.0, arch=arch, config=config
+            )
+            cases.append((f"arch_{arch}", f"arch_{arch}", 4))
         if cfg.get("vanilla"):
             specs["vanilla"] = lambda: get_gpt_layer_local_spec(normalization="RMSNorm")
             cases.append(("vanilla", "vanilla", None))

@@ -34,11 +34,14 @@ CASES = {
 }
 
 REFERENCE = "ws1_reference"
+# The other residual architectures run linear, T=1, t=4 at world size 1, TP2 and PP2.
+ARCHS = ["post", "sandwich", "deepnorm", "lns"]
+ARCH_CASES = [f"arch_{a}" for a in ARCHS]
 LAUNCHES = {
-    1: [dict(name=REFERENCE, tp=1, pp=1, vanilla=True)],
+    1: [dict(name=REFERENCE, tp=1, pp=1, vanilla=True, archs=ARCHS)],
     2: [
-        dict(name="tp2", tp=2, pp=1),
-        dict(name="pp2", tp=1, pp=2),
+        dict(name="tp2", tp=2, pp=1, archs=ARCHS),
+        dict(name="pp2", tp=1, pp=2, archs=ARCHS),
         dict(name="pp2_vpp2", tp=1, pp=2, vpp=2),
         dict(name="pp2_uneven_first3_last5", tp=1, pp=2, first=3, last=5),
         dict(name="pp2_vpp2_layout", tp=1, pp=2, layout="Et*3|t*3|t|tL"),
@@ -128,14 +131,14 @@ def oracle(tmp_path_factory):
     print(f"\n[oracle] 3 torchrun launches (world sizes 1, 2, 4; concurrent): {wall:.1f} s wall; "
           + ", ".join(f"ws{ws} worker {m['total_seconds']:.1f} s" for ws, m in meta.items())
           + f"; megatron-core {meta[1]['megatron_core']}, torch {meta[1]['torch']}")
-    for case in list(CASES) + ["vanilla"]:
+    for case in list(CASES) + ["vanilla"] + ARCH_CASES:
         print(f"[oracle] case {case}: reference loss {ref[case]['loss']!r}")
         print("[oracle]   reference per-layer grad^2: "
               + " ".join(f"{v:.6g}" for v in ref[case]["layer_grad_sq"].values()))
         if case == "vanilla":
             continue
         for name, res in results.items():
-            if name == REFERENCE:
+            if name == REFERENCE or case not in res["cases"]:
                 continue
             c = res["cases"][case]
             dl = abs(c["loss"] - ref[case]["loss"])
@@ -161,6 +164,7 @@ def test_worker_ran_all_configs_core_only(oracle):
     for cfg in ALL_CONFIGS:
         cases = res[cfg["name"]]["cases"]
         expected = set(CASES) | ({"vanilla"} if cfg.get("vanilla") else set())
+        expected |= {f"arch_{a}" for a in cfg.get("archs", [])}
         assert set(cases) == expected, cfg["name"]
         for case in cases.values():
             assert len(case["mb_losses"]) == 4
@@ -270,3 +274,26 @@ def test_alpha_one_is_bit_identical_to_vanilla_megatron_spec(oracle):
     assert one["layer_param_grad_sq"] == vanilla["layer_param_grad_sq"]
     assert one["other_grad_sq"] == vanilla["other_grad_sq"]
     assert vanilla["alphas"] == {}  # the vanilla model has no ProRes modules
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_residual_architectures_across_layouts(oracle, arch):
+    """Post-LN, Sandwich-LN, DeepNorm and LNS: PP2 reproduces world 1 exactly, TP2 to 1e-6."""
+    import torch
+
+    case = f"arch_{arch}"
+    res = _results(oracle)
+    ref = res[REFERENCE]["cases"][case]
+    pre = res[REFERENCE]["cases"]["linear"]  # same schedule and step, Pre-LN
+    assert math.isfinite(ref["loss"]) and ref["loss"] != pre["loss"]
+    assert all(g > 0 for g in ref["layer_grad_sq"].values())
+    for l, a in enumerate(alpha_table("linear", 4, 1.0, NUM_LAYERS), 1):
+        assert ref["alphas"][str(l)] == [float(torch.tensor(a, dtype=torch.float32))] * 2
+    pp2 = res["pp2"]["cases"][case]
+    assert pp2["loss"] == ref["loss"] and pp2["layer_grad_sq"] == ref["layer_grad_sq"], arch
+    assert pp2["layer_param_grad_sq"] == ref["layer_param_grad_sq"], arch
+    tp2 = res["tp2"]["cases"][case]
+    for a, b in [(tp2["loss"], ref["loss"])] + [(tp2["layer_grad_sq"][k], v) for k, v in ref["layer_grad_sq"].items()]:
+        assert math.isclose(a, b, rel_tol=TP_TOL, abs_tol=TP_TOL), (arch, a, b)
+    assert tp2["tp_replicated_max_abs_diff"] <= TP_TOL
+    print(f"\n[oracle] {arch}: loss ws1 {ref['loss']!r}, pp2 {pp2['loss']!r}, tp2 {tp2['loss']!r}")

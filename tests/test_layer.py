@@ -38,13 +38,13 @@ def rms_norm(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def plain_pre_ln_layer(x, sd, cfg, a):
-    """Method doc §5.2 Pre-LN: h = x + a*A(N1(x)), y = h + a*M(N2(h)), written from scratch."""
+def reference_layer(arch, x, sd, cfg, a, l):
+    """Method doc §5.2 for one decoder layer, written from scratch from the layer's own weights."""
     nh, ng, d = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels
-    hpg, eps = nh // ng, cfg.layernorm_epsilon
+    hpg, eps, L = nh // ng, cfg.layernorm_epsilon, cfg.num_layers
     s, b, H = x.shape
 
-    def attention(z):
+    def A(z):
         w = sd["self_attention.linear_qkv.weight"].view(ng, hpg + 2, d, H)
         q = torch.einsum("sbh,gjdh->sbgjd", z, w[:, :hpg]).reshape(s, b, nh, d)
         k = torch.einsum("sbh,gdh->sbgd", z, w[:, hpg])
@@ -57,12 +57,34 @@ def plain_pre_ln_layer(x, sd, cfg, a):
         ctx = torch.einsum("bnqk,kbnd->qbnd", probs, v).reshape(s, b, nh * d)
         return ctx @ sd["self_attention.linear_proj.weight"].T
 
-    def mlp(z):
+    def M(z):
         gate, up = (z @ sd["mlp.linear_fc1.weight"].T).chunk(2, dim=-1)
         return (torch.nn.functional.silu(gate) * up) @ sd["mlp.linear_fc2.weight"].T
 
-    h = x + a * attention(rms_norm(x, sd["input_layernorm.weight"], eps))
-    return h + a * mlp(rms_norm(h, sd["pre_mlp_layernorm.weight"], eps))
+    def N(z, key):
+        return rms_norm(z, sd[key], eps)
+
+    if arch == "pre":
+        h = x + a * A(N(x, "input_layernorm.weight"))
+        return h + a * M(N(h, "pre_mlp_layernorm.weight"))
+    if arch == "post":
+        h = N(x + a * A(x), "self_attn_bda.norm.weight")
+        return N(h + a * M(h), "mlp_bda.norm.weight")
+    if arch == "sandwich":
+        h = x + a * N(A(N(x, "input_layernorm.weight")), "self_attn_bda.norm.weight")
+        return h + a * N(M(N(h, "pre_mlp_layernorm.weight")), "mlp_bda.norm.weight")
+    if arch == "deepnorm":
+        c = (2 * L) ** 0.25
+        h = N(c * x + a * A(x), "self_attn_bda.norm.weight")
+        return N(c * h + a * M(h), "mlp_bda.norm.weight")
+    if arch == "lns":
+        h = x + a * A(N(x, "input_layernorm.norm.weight") / math.sqrt(l))
+        return h + a * M(N(h, "pre_mlp_layernorm.norm.weight") / math.sqrt(l))
+    raise AssertionError(arch)
+
+
+def plain_pre_ln_layer(x, sd, cfg, a):
+    return reference_layer("pre", x, sd, cfg, a, l=None)
 
 
 def run(layer, x, seed=1):
@@ -136,3 +158,74 @@ def test_unset_alpha_fails_loudly(x):
     layer = prores_layer(llama_config())
     with pytest.raises(RuntimeError, match="set_prores_step"):
         layer(x, attention_mask=None)
+
+
+ARCHS = ["pre", "post", "sandwich", "deepnorm", "lns"]
+
+
+def arch_layer(arch, cfg, layer_number=3):
+    from prores_megatron import get_prores_layer_spec
+
+    spec = get_prores_layer_spec("local", schedule="linear", warmup_steps=10.0, arch=arch, config=cfg)
+    layer = build_layer(spec, cfg, layer_number=layer_number)
+    with torch.no_grad():  # distinct norm gains, so a swapped or skipped norm cannot pass
+        g = torch.Generator().manual_seed(layer_number)
+        for name, p in layer.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.5 * torch.rand(p.shape, generator=g))
+    return layer
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("a", [0.37, 0.0, 1.0])
+def test_every_arch_matches_the_method_doc(x, arch, a):
+    from prores_megatron.stepping import set_prores_step
+
+    cfg = llama_config(num_layers=24)
+    layer = arch_layer(arch, cfg)
+    set_prores_step(layer, 0, check_coverage=False)  # binds LNS's 1/sqrt(l); alpha set below
+    set_layer_alpha(layer, a)
+    sd = {k: v.detach() for k, v in layer.state_dict().items() if torch.is_tensor(v)}
+    out, _ = layer(x, attention_mask=None)
+    expected = reference_layer(arch, x, sd, cfg, a, l=layer.layer_number)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_alpha_zero_per_arch(x):
+    """alpha = 0: Pre-LN, Sandwich and LNS are the identity; Post-LN is N2(N1(x)), DeepNorm N2(c*N1(c*x))."""
+    cfg = llama_config(num_layers=24)
+    c = (2 * 24) ** 0.25
+    for arch in ARCHS:
+        layer = arch_layer(arch, cfg)
+        from prores_megatron.stepping import set_prores_step
+
+        set_prores_step(layer, 0, check_coverage=False)  # linear schedule at t = 0: alpha = 0
+        out, _ = layer(x, attention_mask=None)
+        sd = {k: v.detach() for k, v in layer.state_dict().items() if torch.is_tensor(v)}
+        n1 = lambda z: rms_norm(z, sd["self_attn_bda.norm.weight"], cfg.layernorm_epsilon)
+        n2 = lambda z: rms_norm(z, sd["mlp_bda.norm.weight"], cfg.layernorm_epsilon)
+        if arch in ("pre", "sandwich", "lns"):
+            assert torch.equal(out, x), arch
+        elif arch == "post":
+            torch.testing.assert_close(out, n2(n1(x)), rtol=1e-6, atol=1e-6)
+            assert not torch.allclose(out, x)
+        else:
+            torch.testing.assert_close(out, n2(c * n1(c * x)), rtol=1e-6, atol=1e-6)
+
+
+def test_deepnorm_and_lns_constants():
+    from prores_megatron.depth_scaling import deepnorm_init_gain, deepnorm_skip_scale, lns_scale
+
+    assert deepnorm_skip_scale(24) == pytest.approx(2.632, abs=5e-4)  # method doc §5.2
+    assert deepnorm_init_gain(24) == pytest.approx(0.2686, abs=5e-5)
+    assert lns_scale(4) == 0.5 and lns_scale(1) == 1.0
+    cfg = llama_config(num_layers=24)
+    layer = arch_layer("deepnorm", cfg)
+    assert layer.self_attn_bda.skip_scale == layer.mlp_bda.skip_scale == pytest.approx((48) ** 0.25)
+    lns = arch_layer("lns", cfg, layer_number=9)
+    from prores_megatron.stepping import set_prores_step
+
+    set_prores_step(lns, 0, check_coverage=False)
+    assert lns.input_layernorm.depth_scale.item() == pytest.approx(1 / 3)
+    assert lns.pre_mlp_layernorm.depth_scale.item() == pytest.approx(1 / 3)
+    assert not any("depth_scale" in k for k in lns.state_dict())  # fixed, not checkpointed
