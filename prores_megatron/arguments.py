@@ -10,6 +10,7 @@ args)`` runs right after Megatron parses, before any model is built, and either 
 import argparse
 import warnings
 
+from .depth_scaling import ARCHS, INITS
 from .schedules import (
     SCHEDULES,
     canonical_schedule,
@@ -46,6 +47,23 @@ def add_prores_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Total warmup T*L (T for 'equal'): the step at which every layer has reached "
         "alpha = 1, the reference implementation's convention. Excludes --prores-warmup-steps.",
     )
+    group.add_argument(
+        "--prores-arch",
+        choices=ARCHS,
+        default="pre",
+        help="Residual architecture: pre (Pre-LN, Llama), post (Post-LN), sandwich (Sandwich-LN), "
+        "deepnorm (DeepNorm, skip x (2L)^(1/4)), lns (LayerNorm Scaling, pre-norm / sqrt(l)). "
+        "The model's final norm is kept for every arch, as in the paper's models.",
+    )
+    group.add_argument(
+        "--prores-init",
+        choices=INITS,
+        default="megatron",
+        help="Weight init: megatron (megatron-core's default: normal, output layers "
+        "std/sqrt(2L)), plain (truncated normal, --init-method-std, no depth scaling), scaled "
+        "(std/sqrt(2L) on attention-output and MLP-down), ds (std/sqrt(2l) on those of layer l), "
+        "deepnorm (Xavier-normal, gain (8L)^(-1/4) on v/o/MLP, 1 on q/k).",
+    )
     return parser
 
 
@@ -64,6 +82,7 @@ def validate_prores_args(args) -> None:
         if value is not None and not (value > 0 and value != float("inf")):
             raise ProResArgumentError(f"{flag}={value} must be a positive, finite number of steps")
     L = args.num_layers
+    _validate_arch(args)
     if needs_warmup_steps(args.prores_schedule):
         if per_layer is None and total is None:
             raise ProResArgumentError(
@@ -91,12 +110,38 @@ def validate_prores_args(args) -> None:
             )
 
 
+def _validate_arch(args) -> None:
+    """Combinations an architecture cannot express, named by their flags."""
+    impl = getattr(args, "transformer_impl", "local")
+    if getattr(args, "sequence_parallel", False) and impl == "local":
+        raise ProResArgumentError(
+            "--sequence-parallel needs norms that can be sharded over the sequence, which the "
+            "local (torch) norms cannot: use --transformer-impl transformer_engine, or drop "
+            "--sequence-parallel"
+        )
+    if args.prores_arch == "pre":
+        return
+    if getattr(args, "num_experts", None):
+        raise ProResArgumentError(
+            f"--prores-arch {args.prores_arch} supports dense MLPs only: drop --num-experts or "
+            "use --prores-arch pre"
+        )
+    if getattr(args, "use_transformer_engine_op_fuser", False):
+        raise ProResArgumentError(
+            f"--prores-arch {args.prores_arch} moves or adds norms, which the TE op fuser's fused "
+            "MLP cannot express: drop --use-transformer-engine-op-fuser"
+        )
+    if getattr(args, "multi_latent_attention", False):
+        raise ProResArgumentError(f"--prores-arch {args.prores_arch} supports standard attention only (no --multi-latent-attention)")
+
+
 def describe_prores_args(args) -> str:
     """One line for the training log."""
+    arch = f"arch {getattr(args, 'prores_arch', 'pre')}, init {getattr(args, 'prores_init', 'megatron')}"
     if not needs_warmup_steps(args.prores_schedule):
-        return f"ProRes: schedule {args.prores_schedule} (static), L = {args.num_layers}"
+        return f"ProRes: {arch}, schedule {args.prores_schedule} (static), L = {args.num_layers}"
     end = total_warmup_steps(args.prores_schedule, args.prores_warmup_steps, args.num_layers)
     return (
-        f"ProRes: schedule {args.prores_schedule}, T = {args.prores_warmup_steps:g} steps per "
-        f"layer, L = {args.num_layers}, every layer at alpha = 1 from step {end:g}"
+        f"ProRes: {arch}, schedule {args.prores_schedule}, T = {args.prores_warmup_steps:g} steps "
+        f"per layer, L = {args.num_layers}, every layer at alpha = 1 from step {end:g}"
     )

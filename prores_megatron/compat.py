@@ -6,6 +6,7 @@ Megatron-Bridge or NeMo); the Megatron-LM glue keeps its own imports in ``megatr
 Targets megatron-core 0.19.2.
 """
 
+import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import (
@@ -90,3 +91,10 @@ def backend_for(transformer_impl: str):
     raise ValueError(
         f"transformer_impl={transformer_impl!r} is not supported; valid choices: local, transformer_engine"
     )
+
+
+def unwrap(module):
+    """The innermost model under DDP / Float16Module wrappers (each keeps it in ``.module``)."""
+    while hasattr(module, "module") and isinstance(module.module, torch.nn.Module):
+        module = module.module
+    return module

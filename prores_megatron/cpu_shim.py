@@ -7,9 +7,11 @@ Contract
   ``torch.cuda.is_available()`` is True; otherwise it installs every patch once (later calls are
   no-ops) and returns True.  Call it before ``megatron.training`` is imported; it imports the
   megatron modules it patches itself.
-* No Megatron file is edited.  The patches are: ten ``torch.cuda`` functions, seven attributes of
-  megatron modules, one environment default, and one process-wide ``TorchFunctionMode`` that keeps
-  "cuda" tensors on the CPU.  Row numbers (#N) refer to the table in megatron_notes.md section 4
+* ``install_cpu_shim(training=False)`` installs only the megatron-core part and never imports
+  ``megatron.training`` (core-only loops, tests); a later default call adds the training part.
+* No Megatron file is edited.  The patches are: ten ``torch.cuda`` functions, nine attributes of
+  megatron-core modules and three of megatron.training, one environment default, and one
+  process-wide ``TorchFunctionMode`` that keeps "cuda" tensors on the CPU.  Row numbers (#N) refer to the table in megatron_notes.md section 4
   ("Running the real Megatron-LM training loop on CPU"), which says why each patch is needed.
 * If a target attribute no longer exists (for example after a Megatron upgrade), install fails
   loudly with a RuntimeError **before anything is patched**.
@@ -29,7 +31,8 @@ from torch.overrides import TorchFunctionMode
 __all__ = ["install_cpu_shim", "is_cpu_shim_installed"]
 
 _TARGET_VERSION = "0.19.2"
-_installed = False
+_installed = False  # the megatron-core part (and the mode)
+_installed_training = False  # the megatron.training part
 _mode = None  # the single process-wide _CudaToCpuMode (kept alive here)
 _originals = {}  # "module.attr" -> the object that was replaced
 
@@ -154,25 +157,27 @@ def _fork_results_queue(mp_mode="fork"):
     return orig(mp_mode="fork")
 
 
-def install_cpu_shim() -> bool:
-    """Install every CPU patch (idempotent). Returns False, and changes nothing, when CUDA is available."""
-    global _installed, _mode
-    if torch.cuda.is_available():
-        return False
-    if _installed:
-        return True
+def _cpu_causal_mask(sq):
+    # #5 inside backward: torch 2.11 runs autograd.backward through the function modes and turns a
+    # mode off while its own handler runs, so a recomputed forward inside backward (full recompute
+    # without deallocate_pipeline_outputs) would build this literal device="cuda" mask for real.
+    return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
 
-    # Import the megatron modules explicitly (a parent-package attribute lookup could hide a rename).
-    # No megatron module binds a patched torch.cuda name at import time, so patching after it is fine.
+
+def _cpu_sliding_window_mask(sq, skv, window_size):
+    m = torch.ones(sq, skv, dtype=torch.bool, device="cpu")
+    return ~torch.tril(torch.triu(m, diagonal=skv - sq - window_size[0]), diagonal=skv - sq + window_size[1])
+
+
+def _core_plan():
+    """Patches megatron-core needs on CPU (no megatron.training import): for core-only loops too."""
     mod = importlib.import_module
-    training = mod("megatron.training.training")
-    arguments = mod("megatron.training.arguments")
     tp_random = mod("megatron.core.tensor_parallel.random")
     ds_utils = mod("megatron.core.datasets.utils")
     fs_async = mod("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    fused_softmax = mod("megatron.core.fusions.fused_softmax")
     cuda = torch.cuda
-
-    plan = [
+    return [
         # #2: enables model-parallel init and TP RNG seeding; torch.cuda.is_available() stays False
         (cuda, "device_count", lambda: 1),
         (cuda, "set_device", lambda device: None),  # #3
@@ -186,24 +191,51 @@ def install_cpu_shim() -> bool:
         (cuda, "manual_seed", _cpu_manual_seed),  # #9: likewise
         (tp_random, "_get_cuda_rng_state", _cpu_get_rng_state),  # #9: original needs CUDA generators
         (tp_random, "_set_cuda_rng_state", _cpu_set_rng_state),  # #9: the original is a lazy call
-        (training, "initialize_megatron", _initialize_megatron_no_cuda),  # #1
         # #10: runs `make`, but the wheel ships a prebuilt helpers .so and no Makefile (sys.exit(1))
         (ds_utils, "compile_helpers", lambda: None),
+        (fs_async, "get_write_results_queue", _fork_results_queue),  # #14
+        (fused_softmax, "get_default_causal_mask", _cpu_causal_mask),  # #5, see _cpu_causal_mask
+        (fused_softmax, "get_sliding_window_causal_mask", _cpu_sliding_window_mask),
+    ]
+
+
+def _training_plan():
+    """Patches Megatron-LM's training loop (megatron.training) needs on CPU."""
+    mod = importlib.import_module
+    training = mod("megatron.training.training")
+    arguments = mod("megatron.training.arguments")
+    return [
+        (training, "initialize_megatron", _initialize_megatron_no_cuda),  # #1
         (arguments, "get_device_arch_version", lambda: 9),  # #11: would read CUDA device properties
         # #12: skips the torch.compile warm-up of fused kernels (+17-21 s per process)
         (training, "set_jit_fusion_options", lambda tp_size=None: None),
-        (fs_async, "get_write_results_queue", _fork_results_queue),  # #14
     ]
+
+
+def install_cpu_shim(training: bool = True) -> bool:
+    """Install the CPU patches (idempotent). Returns False, and changes nothing, when CUDA is available.
+
+    ``training=False`` installs only what megatron-core needs and never imports megatron.training
+    (for core-only stacks); a later call with ``training=True`` adds the rest.
+    """
+    global _installed, _installed_training, _mode
+    if torch.cuda.is_available():
+        return False
+    plan = []
+    if not _installed:
+        plan += _core_plan()
+    if training and not _installed_training:
+        plan += _training_plan()
     for module, attr, _ in plan:  # all-or-nothing: check every target before patching any
         _check(module, attr)
     for module, attr, new in plan:
         _patch(module, attr, new)
-
-    # #11: TP>1 asserts CUDA_DEVICE_MAX_CONNECTIONS == "1" on pre-Blackwell architectures.
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-
-    # #5, #6, #13: one mode, entered once and never exited.
-    _mode = _CudaToCpuMode()
-    _mode.__enter__()
-    _installed = True
+    if not _installed:
+        # #11: TP>1 asserts CUDA_DEVICE_MAX_CONNECTIONS == "1" on pre-Blackwell architectures.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+        # #5, #6, #13: one mode, entered once and never exited.
+        _mode = _CudaToCpuMode()
+        _mode.__enter__()
+        _installed = True
+    _installed_training = _installed_training or training
     return True

@@ -28,6 +28,8 @@ def prores_layer_spec_fn(args):
             transformer_impl=t.transformer_impl,
             schedule=args.prores_schedule,
             warmup_steps=args.prores_warmup_steps,
+            arch=args.prores_arch,
+            config=t,
             normalization=t.normalization,
             qk_layernorm=t.qk_layernorm,
             num_experts=t.num_moe_experts,
@@ -203,6 +205,22 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
 datasets_provider.is_distributed = True  # every rank builds its own loader; see get_batch
 
 
+def init_hook(args):
+    """pre_wrap_hook: re-draw the weights for --prores-init (before DDP and the fp16/bf16 wrapper)."""
+    from .init_schemes import apply_init
+
+    def hook(model_chunks):
+        from megatron.training import print_rank_0
+
+        apply_init(model_chunks, args.prores_init, sigma=args.init_method_std, seed=args.seed)
+        if args.prores_init != "megatron":
+            print_rank_0(f"ProRes: weights initialised with --prores-init {args.prores_init} "
+                         f"(sigma {args.init_method_std:g})")
+        return model_chunks
+
+    return hook
+
+
 def coverage_hook(args):
     """post_wrap_hook: the collective coverage guard, once, while every rank is in step."""
     from .stepping import set_prores_step
@@ -243,6 +261,7 @@ def main(argv=None):
 
     model_cfg = gpt_config_from_args(args)
     model_cfg.transformer_layer_spec = prores_layer_spec_fn(args)
+    model_cfg.pre_wrap_hooks = [*model_cfg.pre_wrap_hooks, init_hook(args)]
     model_cfg.post_wrap_hooks = [*model_cfg.post_wrap_hooks, coverage_hook(args)]
     cfg = pretrain_cfg_container_from_args(args, model_cfg)
     pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, make_forward_step(args))

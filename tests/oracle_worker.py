@@ -35,89 +35,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)  # prores_megatron, when run as a script by torchrun
 
-# ---------------------------------------------------------------------------------------------
-# LOCAL CPU PATCHES (oracle worker only) -- BEGIN
-# prores_megatron.cpu_shim.install_cpu_shim() cannot be used here: it imports megatron.training
-# (initialize_megatron, arguments, ...), and this worker must stay megatron-core only. These are
-# the core-only subset of the shim (rows #4, #5, #7, #9 of docs/megatron_notes.md §4), applied only
-# when CUDA is unavailable, before megatron-core is imported. Each one fails loudly if its target
-# attribute is missing.
-# ---------------------------------------------------------------------------------------------
-_CPU_MODE = None
+from prores_megatron.cpu_shim import install_cpu_shim  # noqa: E402
 
-
-def _is_cuda_device(dev):
-    if isinstance(dev, bool):
-        return False
-    if isinstance(dev, int):  # torch.cuda.current_device() below returns 0
-        return True
-    if isinstance(dev, str):
-        return dev.startswith("cuda")
-    return isinstance(dev, torch.device) and dev.type == "cuda"
-
-
-class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
-    """#5: megatron-core creates tensors with device="cuda" (schedules' total_num_tokens, the
-    default causal mask) or device=torch.cuda.current_device() (p2p buffers, rotary inv_freq).
-
-    Caveat (torch 2.11): torch.autograd.backward itself dispatches to torch-function modes, and a
-    mode is popped while its own handler runs, so everything inside a torch.autograd.backward call
-    (e.g. the forward that full recompute re-runs, with get_default_causal_mask's device="cuda")
-    runs WITHOUT this mode. The worker therefore sets config.deallocate_pipeline_outputs=True (as
-    Megatron-LM does): the schedules then call the autograd engine directly (custom_backward).
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if _is_cuda_device(kwargs.get("device")):
-            kwargs = {**kwargs, "device": "cpu"}
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], "cpu", *args[2:])
-        return func(*args, **kwargs)
-
-
-def _cpu_get_rng_state(*args, **kwargs):
-    return torch.get_rng_state()
-
-
-def _cpu_set_rng_state(new_state, *args, **kwargs):
-    torch.set_rng_state(new_state)
-
-
-def _cpu_manual_seed(seed):
-    torch.default_generator.manual_seed(int(seed))
-
-
-def _setattr_checked(obj, name, value):
-    if not hasattr(obj, name):
-        raise RuntimeError(f"oracle_worker CPU patch: {obj!r} has no attribute {name!r} (version change?)")
-    setattr(obj, name, value)
-
-
-def install_local_cpu_patches():
-    """Core-only CPU patches; a no-op when CUDA is available. Call before importing megatron."""
-    global _CPU_MODE
-    if torch.cuda.is_available() or _CPU_MODE is not None:
-        return False
-    cuda = torch.cuda
-    _setattr_checked(cuda, "current_device", lambda: 0)  # #4 (mapped to the CPU by the mode)
-    _setattr_checked(cuda, "synchronize", lambda device=None: None)  # #7 p2p_communication
-    _setattr_checked(cuda, "manual_seed", _cpu_manual_seed)  # #9 RNG tracker
-    _setattr_checked(cuda, "get_rng_state", _cpu_get_rng_state)  # #9
-    _setattr_checked(cuda, "set_rng_state", _cpu_set_rng_state)  # #9
-    import megatron.core.tensor_parallel.random as tp_random
-
-    _setattr_checked(tp_random, "_get_cuda_rng_state", _cpu_get_rng_state)  # #9 fork(), recompute
-    _setattr_checked(tp_random, "_set_cuda_rng_state", _cpu_set_rng_state)  # #9
-    _CPU_MODE = _CudaToCpuMode()
-    _CPU_MODE.__enter__()  # entered once for the life of the process
-    return True
-
-
-# LOCAL CPU PATCHES -- END
-# ---------------------------------------------------------------------------------------------
 
 # Model / data constants (docs/megatron_notes.md §5 oracle model, plus SwiGLU + GQA).
 NUM_LAYERS = 8
@@ -227,7 +146,7 @@ def build_config(cfg):
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         batch_p2p_comm=False,  # PP=2 + VPP pitfall (notes §4): batched p2p swaps tensors
-        deallocate_pipeline_outputs=True,  # Megatron-LM's default; see _CudaToCpuMode's caveat
+        deallocate_pipeline_outputs=True,  # Megatron-LM's default
         tensor_model_parallel_size=cfg["tp"],
         pipeline_model_parallel_size=cfg["pp"],
         sequence_parallel=False,
@@ -473,7 +392,7 @@ def main(argv=None):
     configs = json.loads(text)
 
     torch.set_num_threads(1)
-    install_local_cpu_patches()
+    install_cpu_shim(training=False)  # core-only: this worker never imports megatron.training
     torch.distributed.init_process_group(backend="gloo")
     rank = torch.distributed.get_rank()
     world_size = torch.distributed.get_world_size()

@@ -77,3 +77,29 @@ def test_entry_point_refuses_before_any_work(tmp_path):
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "error: --prores-schedule linear warms layers up over time and needs --prores-warmup-steps" in proc.stderr
     assert not save.exists()
+
+
+def test_arch_and_init_flags():
+    args = parse("--prores-warmup-steps", "5", "--prores-arch", "deepnorm", "--prores-init", "deepnorm")
+    assert (args.prores_arch, args.prores_init) == ("deepnorm", "deepnorm")
+    assert parse("--prores-warmup-steps", "5").prores_arch == "pre"
+    with pytest.raises(SystemExit):  # argparse choices: unknown arch / init
+        parse("--prores-warmup-steps", "5", "--prores-arch", "resnet")
+
+
+@pytest.mark.parametrize(
+    "extra,arch,needle",
+    [
+        (dict(sequence_parallel=True, transformer_impl="local"), "pre", "--sequence-parallel needs norms"),
+        (dict(num_experts=8, transformer_impl="transformer_engine"), "post", "--prores-arch post supports dense MLPs only"),
+        (dict(use_transformer_engine_op_fuser=True, transformer_impl="transformer_engine"), "lns", "--use-transformer-engine-op-fuser"),
+    ],
+)
+def test_arch_combinations_refused(extra, arch, needle):
+    parser = add_prores_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--prores-warmup-steps", "5", "--prores-arch", arch])
+    args.num_layers, args.train_iters = 12, 10**6
+    for k, v in extra.items():
+        setattr(args, k, v)
+    with pytest.raises(ProResArgumentError, match=needle):
+        validate_prores_args(args)

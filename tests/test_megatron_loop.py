@@ -98,3 +98,24 @@ def test_training_log_has_alpha_and_coverage(runs):
     resumed_iters = [int(i) for i in re.findall(r"\[ProRes\] iteration\s+(\d+)", resumed_log)]
     assert resumed_iters == list(range(STOP + 1, ITERS + 1))
     assert "ProRes warmup ends at step 8" in straight_log  # warmup longer than --train-iters
+
+
+ARCH_INIT = [("pre", "ds"), ("post", "plain"), ("sandwich", "scaled"), ("deepnorm", "deepnorm"), ("lns", "megatron")]
+
+
+@pytest.mark.parametrize("arch,init", ARCH_INIT, ids=[a for a, _ in ARCH_INIT])
+def test_every_arch_trains_through_megatron_lm_at_pp2(tmp_path, arch, init):
+    """Each residual architecture (with one of the inits) through the real loop at PP=2."""
+    env = dict(os.environ, PYTHON=sys.executable, TP="1", PP="2", TRAIN_ITERS="8", SAVE_DIR=str(tmp_path / "ckpt"))
+    env["PRORES_ARGS"] = f"--prores-schedule linear --prores-warmup-steps 0.5 --prores-arch {arch} --prores-init {init}"
+    env["EXTRA_ARGS"] = f"--tensorboard-dir {tmp_path / 'tb'} --eval-interval 1000 --eval-iters 1 --save-interval 8"
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert f"ProRes: arch {arch}, init {init}" in log
+    loss = scalars(tmp_path / "tb")["lm loss"]
+    values = [loss[i] for i in sorted(loss)]
+    print(f"\n{arch}/{init} lm loss:", " ".join(f"{v:.4f}" for v in values))
+    assert len(values) == 8 and all(v == v and abs(v) < 1e4 for v in values)
+    assert values[-1] < values[0] - 0.1
+    assert (tmp_path / "ckpt" / "iter_0000008").is_dir()  # torch_dist save of the arch's modules

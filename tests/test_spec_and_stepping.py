@@ -99,30 +99,127 @@ def test_with_prores_refuses_what_it_cannot_scale():
         with_prores(get_gpt_layer_local_spec(), schedule="linear")
 
 
-def test_transformer_engine_spec_dispatch(monkeypatch):
-    """On CPU TE cannot import: a clear error; with TE 'present' the TE builder is used and wrapped."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+class _TE:  # stand-ins for Transformer Engine's classes, which cannot be imported without a GPU
+    class TENorm: ...
+    class TELayerNormColumnParallelLinear: ...
+    class TEColumnParallelLinear: ...
+    class TERowParallelLinear: ...
+    class TEDotProductAttention: ...
 
-    from prores_megatron import ProResBiasDropoutAdd, compat, get_prores_layer_spec
 
-    if not compat.have_transformer_engine():
-        with pytest.raises(ImportError, match="--transformer-impl local"):
-            get_prores_layer_spec("transformer_engine", warmup_steps=1)
-    calls = []
+class FakeTESpecProvider:
+    """Same interface as megatron-core's TESpecProvider, returning the stand-ins."""
 
-    def fake_te_spec(**kwargs):  # same structure as megatron-core's TE spec: fused pre-norm
-        calls.append(kwargs)
-        spec = get_gpt_layer_local_spec()
-        return spec
+    def column_parallel_linear(self):
+        return _TE.TEColumnParallelLinear
 
+    def row_parallel_linear(self):
+        return _TE.TERowParallelLinear
+
+    def fuse_layernorm_and_linear(self):
+        return True
+
+    def column_parallel_layer_norm_linear(self):
+        return _TE.TELayerNormColumnParallelLinear
+
+    def layer_norm(self, rms_norm=False, for_qk=False, has_residual=False):
+        return _TE.TENorm
+
+    def core_attention(self):
+        return _TE.TEDotProductAttention
+
+    def activation_func(self):
+        return None
+
+    def linear(self):
+        return _TE.TEColumnParallelLinear
+
+
+@pytest.fixture
+def fake_te(monkeypatch):
+    """megatron-core's real TE spec builder, run against the stand-in provider."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from prores_megatron import compat
+
+    monkeypatch.setattr(gpt_layer_specs, "TESpecProvider", FakeTESpecProvider)
     monkeypatch.setattr(compat, "have_transformer_engine", lambda: True)
-    monkeypatch.setattr(compat, "get_gpt_layer_with_transformer_engine_spec", fake_te_spec)
-    spec = get_prores_layer_spec("transformer_engine", schedule="linear-square", warmup_steps=4, qk_layernorm=True)
-    assert calls == [dict(num_experts=None, moe_grouped_gemm=False, qk_layernorm=True, use_te_op_fuser=False)]
-    assert spec.submodules.self_attn_bda.module is ProResBiasDropoutAdd
-    assert spec.submodules.mlp_bda.params["schedule"] == "linear-square"
+    real_backend_for = compat.backend_for
+    monkeypatch.setattr(
+        compat, "backend_for",
+        lambda impl: FakeTESpecProvider() if impl == "transformer_engine" else real_backend_for(impl),
+    )
+
+
+def _mlp_fc1(spec):
+    mlp = spec.submodules.mlp
+    sub = mlp.keywords["submodules"] if hasattr(mlp, "keywords") else mlp.submodules
+    return sub.linear_fc1
+
+
+def test_transformer_engine_unavailable_on_cpu_is_a_clear_error():
+    from prores_megatron import compat, get_prores_layer_spec
+
+    if compat.have_transformer_engine():
+        pytest.skip("Transformer Engine is importable here")
+    with pytest.raises(ImportError, match="--transformer-impl local"):
+        get_prores_layer_spec("transformer_engine", warmup_steps=1)
     with pytest.raises(ValueError, match="transformer_impl='inference_optimized'.*local, transformer_engine"):
         get_prores_layer_spec("inference_optimized", warmup_steps=1)
+
+
+@pytest.mark.parametrize("arch", ["pre", "post", "sandwich", "deepnorm", "lns"])
+def test_transformer_engine_spec_structure(fake_te, arch):
+    """TE variants: the fused LayerNorm-linear stays only where the arch has that pre-norm."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    from prores_megatron import ProResBiasDropoutAdd, get_prores_layer_spec
+    from prores_megatron.residual_scale import (
+        DepthScaledNorm,
+        ProResPostNormBiasDropoutAdd,
+        ProResSandwichBiasDropoutAdd,
+    )
+
+    cfg = llama_config(num_layers=24)
+    spec = get_prores_layer_spec("transformer_engine", schedule="linear-square", warmup_steps=4, arch=arch, config=cfg)
+    sub = spec.submodules
+    qkv = sub.self_attention.submodules.linear_qkv
+    assert sub.self_attention.submodules.core_attention is _TE.TEDotProductAttention
+    assert sub.self_attention.submodules.linear_proj is _TE.TERowParallelLinear
+    bda = {
+        "pre": ProResBiasDropoutAdd, "lns": ProResBiasDropoutAdd, "sandwich": ProResSandwichBiasDropoutAdd,
+        "post": ProResPostNormBiasDropoutAdd, "deepnorm": ProResPostNormBiasDropoutAdd,
+    }[arch]
+    for field in ("self_attn_bda", "mlp_bda"):
+        assert getattr(sub, field).module is bda
+        assert getattr(sub, field).params["schedule"] == "linear-square"
+    if arch in ("pre", "sandwich"):  # pre-norm present: TE keeps it fused into the linears
+        assert qkv is _TE.TELayerNormColumnParallelLinear
+        assert _mlp_fc1(spec) is _TE.TELayerNormColumnParallelLinear
+    else:  # no pre-norm (post, deepnorm) or a scaled one (lns): the plain TE linears
+        assert qkv is _TE.TEColumnParallelLinear
+        assert _mlp_fc1(spec) is _TE.TEColumnParallelLinear
+    if arch in ("post", "deepnorm"):
+        assert sub.input_layernorm is IdentityOp and sub.pre_mlp_layernorm is IdentityOp
+        assert sub.self_attn_bda.params["norm"] is _TE.TENorm
+        assert sub.self_attn_bda.params["skip_scale"] == (pytest.approx(48 ** 0.25) if arch == "deepnorm" else 1.0)
+    if arch == "sandwich":
+        assert sub.mlp_bda.params["norm"] is _TE.TENorm
+    if arch == "lns":
+        for norm in (sub.input_layernorm, sub.pre_mlp_layernorm):
+            assert issubclass(norm, DepthScaledNorm) and norm.norm_class is _TE.TENorm
+        assert sub.sharded_state_dict_keys_map["input_layernorm.norm."] == "self_attention.linear_qkv.layer_norm_"
+
+
+def test_archs_refuse_what_they_cannot_express():
+    from prores_megatron import get_prores_layer_spec
+
+    with pytest.raises(ValueError, match="arch='post' builds norms of its own and needs the TransformerConfig"):
+        get_prores_layer_spec("local", warmup_steps=1, arch="post")
+    with pytest.raises(ValueError, match="arch='sideways'.*pre, post, sandwich, deepnorm, lns"):
+        get_prores_layer_spec("local", warmup_steps=1, arch="sideways")
+    with pytest.raises(ValueError, match="dense MLPs.*--num-experts"):
+        get_prores_layer_spec("local", warmup_steps=1, arch="lns", num_experts=4, config=llama_config())
 
 
 # ---- set_prores_step ------------------------------------------------------------------------
