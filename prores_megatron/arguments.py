@@ -64,6 +64,27 @@ def add_prores_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "(std/sqrt(2L) on attention-output and MLP-down), ds (std/sqrt(2l) on those of layer l), "
         "deepnorm (Xavier-normal, gain (8L)^(-1/4) on v/o/MLP, 1 on q/k).",
     )
+    group.add_argument(
+        "--prores-monitor-interval",
+        type=int,
+        default=0,
+        help="Every N iterations, log per-layer alpha, branch and residual-stream RMS and "
+        "gradient norms (0: off). Loss and grad norm are then recorded every iteration, with "
+        "online spike scores.",
+    )
+    group.add_argument(
+        "--prores-monitor-file",
+        type=str,
+        default=None,
+        help="JSONL file for the monitor (default: prores_monitor.jsonl in --save, else in "
+        "--tensorboard-dir, else in the working directory).",
+    )
+    group.add_argument("--prores-spike-window", type=int, default=1000,
+                       help="Spike score: trailing window in steps (the paper: 1000).")
+    group.add_argument("--prores-spike-threshold", type=float, default=7.0,
+                       help="Spike score: deviation from the trailing mean, in std (the paper: 7).")
+    group.add_argument("--prores-spike-min-history", type=int, default=100,
+                       help="Spike score: fewest trailing points needed to judge a step.")
     return parser
 
 
@@ -83,6 +104,7 @@ def validate_prores_args(args) -> None:
             raise ProResArgumentError(f"{flag}={value} must be a positive, finite number of steps")
     L = args.num_layers
     _validate_arch(args)
+    _validate_monitor(args)
     if needs_warmup_steps(args.prores_schedule):
         if per_layer is None and total is None:
             raise ProResArgumentError(
@@ -133,6 +155,19 @@ def _validate_arch(args) -> None:
         )
     if getattr(args, "multi_latent_attention", False):
         raise ProResArgumentError(f"--prores-arch {args.prores_arch} supports standard attention only (no --multi-latent-attention)")
+
+
+def _validate_monitor(args) -> None:
+    for flag, attr, low in (
+        ("--prores-monitor-interval", "prores_monitor_interval", 0),
+        ("--prores-spike-window", "prores_spike_window", 1),
+        ("--prores-spike-min-history", "prores_spike_min_history", 1),
+    ):
+        value = getattr(args, attr, low)
+        if value < low:
+            raise ProResArgumentError(f"{flag}={value} must be >= {low}")
+    if not getattr(args, "prores_spike_threshold", 7.0) > 0:
+        raise ProResArgumentError(f"--prores-spike-threshold={args.prores_spike_threshold} must be > 0")
 
 
 def describe_prores_args(args) -> str:

@@ -137,7 +137,7 @@ def loss_func(loss_mask, output_tensor):
     return loss, num_tokens, report
 
 
-def make_forward_step(args):
+def make_forward_step(args, monitor=None):
     from .stepping import set_prores_step
 
     log_alpha = AlphaLogger(args)
@@ -151,6 +151,8 @@ def make_forward_step(args):
         set_prores_step(model, step, check_coverage=False)
         if model.training:
             log_alpha(step)
+        if monitor is not None:
+            monitor.before_forward(step, model.training)
         timers = get_timers()
         timers("batch-generator", log_level=2).start()
         vp_stage = get_attr_wrapped_model(model, "vp_stage")
@@ -263,8 +265,32 @@ def main(argv=None):
     model_cfg.transformer_layer_spec = prores_layer_spec_fn(args)
     model_cfg.pre_wrap_hooks = [*model_cfg.pre_wrap_hooks, init_hook(args)]
     model_cfg.post_wrap_hooks = [*model_cfg.post_wrap_hooks, coverage_hook(args)]
+    monitor = None
+    if args.prores_monitor_interval > 0:
+        from .training_monitor import TrainingMonitor
+
+        monitor = TrainingMonitor(args)
+        model_cfg.post_wrap_hooks.append(monitor.attach)
+        _wrap_training_log(monitor)
     cfg = pretrain_cfg_container_from_args(args, model_cfg)
-    pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, make_forward_step(args))
+    pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, make_forward_step(args, monitor))
+
+
+def _wrap_training_log(monitor):
+    """Megatron-LM 0.19 has no per-iteration callback; training_log sees every iteration's loss
+    and grad norm, and train() looks it up as a module global, so wrapping it reaches the loop."""
+    from megatron.training import training
+
+    inner = training.training_log
+
+    def training_log(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
+                     report_memory_flag, skipped_iter, grad_norm, *args, **kwargs):
+        out = inner(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
+                    report_memory_flag, skipped_iter, grad_norm, *args, **kwargs)
+        monitor.on_training_log(loss_dict, learning_rate, iteration, grad_norm, skipped_iter)
+        return out
+
+    training.training_log = training_log
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ class ProResBiasDropoutAdd(torch.nn.Module):
         self.register_buffer("alpha", torch.tensor(unset, dtype=torch.float32), persistent=False)
         self.alpha_value = unset  # host mirror: no device sync to read it
         self.step = None  # step alpha was last computed for
+        self.recorder = None  # armed by prores_megatron.monitor
+        self.record_in_eval = False
 
     def set_alpha(self, value: float, step=None) -> None:
         """Write alpha in place (host float64 value, cast once to the fp32 buffer)."""
@@ -42,20 +44,45 @@ class ProResBiasDropoutAdd(torch.nn.Module):
         self.step = step
 
     def forward(self, training: bool, fused: bool):
+        # A monitor (prores_megatron.monitor) may have armed a recorder; disarmed this is the
+        # whole cost of monitoring.
+        rec = self.recorder if (training or self.record_in_eval) else None
+        fn = self._residual_fn(training, fused, rec)
+        if rec is None:
+            return fn
+
+        def recorded_residual(x_with_bias, residual, prob):
+            out = fn(x_with_bias, residual, prob)
+            rec.output(out)
+            return out
+
+        return recorded_residual
+
+    def _residual_fn(self, training, fused, rec):
+        """The residual function of this architecture; subclasses wrap ``_scaled_add``."""
+        return self._scaled_add(training, fused, rec)
+
+    def _scaled_add(self, training, fused, rec):
+        """``residual + dropout(alpha * (x + bias))``, recording the branch before alpha."""
         bda = compat.get_bias_dropout_add(training, fused)
-        if self.alpha_value == 1.0:
-            # Exact fast path: a multiply by 1.0 changes nothing in IEEE arithmetic (doc §4.6).
-            return bda
         if self.alpha_value != self.alpha_value:
             raise RuntimeError(
                 "ProRes alpha was never set for this layer: call "
                 "prores_megatron.set_prores_step(model, step) before the forward pass "
                 "(the Megatron-LM entry point does this every iteration)"
             )
+        unit = self.alpha_value == 1.0
+        if unit and rec is None:
+            # Exact fast path: a multiply by 1.0 changes nothing in IEEE arithmetic (doc §4.6).
+            return bda
         alpha = self.alpha
 
         def scaled_bias_dropout_add(x_with_bias, residual, prob):
             x, bias = x_with_bias
+            if rec is not None:
+                rec.branch(x, bias)
+            if unit:
+                return bda(x_with_bias, residual, prob)
             scale = alpha.to(x.dtype)  # a tensor, never a Python float: keeps graphs valid
             x = x * scale
             if bias is not None:
@@ -83,8 +110,8 @@ class _NormOwningBiasDropoutAdd(ProResBiasDropoutAdd):
 class ProResSandwichBiasDropoutAdd(_NormOwningBiasDropoutAdd):
     """Sandwich-LN: ``residual + dropout(alpha * Norm'(x + bias))``; alpha after the post-norm gain."""
 
-    def forward(self, training: bool, fused: bool):
-        scaled_add = super().forward(training, fused)
+    def _residual_fn(self, training, fused, rec):
+        scaled_add = self._scaled_add(training, fused, rec)
         norm = self.norm
 
         def sandwich_bias_dropout_add(x_with_bias, residual, prob):
@@ -103,8 +130,8 @@ class ProResPostNormBiasDropoutAdd(_NormOwningBiasDropoutAdd):
         super().__init__(schedule, warmup_steps, config, norm)
         self.skip_scale = float(skip_scale)  # a run-long constant: a Python float is safe here
 
-    def forward(self, training: bool, fused: bool):
-        scaled_add = super().forward(training, fused)
+    def _residual_fn(self, training, fused, rec):
+        scaled_add = self._scaled_add(training, fused, rec)
         norm, c = self.norm, self.skip_scale
 
         def post_norm_bias_dropout_add(x_with_bias, residual, prob):

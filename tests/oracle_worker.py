@@ -293,6 +293,55 @@ def aggregate(per_rank, tp_size):
     }
 
 
+def run_monitor_case(cfg, config, batches, specs, tp, rank, world_size):
+    """The linear case (t=4) once more with prores_megatron.monitor armed; at world size 1 also a
+    direct computation of the same statistics from forward hooks on the attention, MLP and layer
+    modules (independent of the residual modules' recorders) and from p.grad."""
+    from megatron.core import parallel_state as ps
+
+    from prores_megatron import set_prores_step
+    from prores_megatron.compat import decoder_layers
+    from prores_megatron.monitor import LayerMonitor, layer_grad_sq
+
+    chunks = build_chunks(config, specs["linear"]())
+    set_deterministic_weights(chunks, tp, ps.get_tensor_model_parallel_rank())
+    set_prores_step(chunks, 4)
+    direct, handles = {}, []
+    if world_size == 1:
+        def acc(l, col, y):
+            row = direct.setdefault(l, [0.0] * 8)
+            y = y.detach().double()
+            if col == 4:
+                row[6] += float(y.norm(dim=-1).sum())
+                row[7] += y.numel() // y.shape[-1]
+            row[col] += float(y.pow(2).sum())
+            row[col + 1] += y.numel()
+
+        for chunk in chunks:
+            for layer in decoder_layers(chunk):
+                l = layer.layer_number
+                handles.append(layer.self_attention.register_forward_hook(lambda m, i, o, l=l: acc(l, 0, o[0])))
+                handles.append(layer.mlp.register_forward_hook(lambda m, i, o, l=l: acc(l, 2, o[0])))
+                handles.append(layer.register_forward_hook(lambda m, i, o, l=l: acc(l, 4, o[0] if isinstance(o, tuple) else o)))
+    monitor = LayerMonitor(chunks)
+    monitor.start()
+    run_fwd_bwd(chunks, config, batches)
+    monitor.stop()
+    for h in handles:
+        h.remove()
+    table = monitor.reduce(NUM_LAYERS, dp_group=ps.get_data_parallel_group(), pp_group=ps.get_pipeline_model_parallel_group(),
+                           tp_group=ps.get_tensor_model_parallel_group(), sequence_parallel=False)
+    grad_sq = layer_grad_sq(chunks, NUM_LAYERS, pp_group=ps.get_pipeline_model_parallel_group(),
+                            tp_group=ps.get_tensor_model_parallel_group())
+    direct_grad = {}
+    if world_size == 1:
+        for chunk in chunks:
+            for layer in decoder_layers(chunk):
+                direct_grad[layer.layer_number] = sum(float(p.grad.double().pow(2).sum()) for p in layer.parameters())
+    return {"table": table.tolist(), "grad_sq": grad_sq.tolist(),
+            "direct_table": [direct[l] for l in sorted(direct)], "direct_grad_sq": [direct_grad[l] for l in sorted(direct_grad)]}
+
+
 def run_config(cfg, world_size, rank, batches):
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -361,6 +410,8 @@ def run_config(cfg, world_size, rank, batches):
                 res = aggregate(gathered, tp)
                 res["step"] = step
                 results[case] = res
+        if cfg.get("monitor"):
+            results["monitor"] = run_monitor_case(cfg, config, batches, specs, tp, rank, world_size)
         layers_info = {"rank": rank, "tp_rank": tp_rank, "pp_rank": pp_rank, "layers": local_layers}
         gathered = [None] * world_size
         torch.distributed.all_gather_object(gathered, layers_info)

@@ -38,10 +38,10 @@ REFERENCE = "ws1_reference"
 ARCHS = ["post", "sandwich", "deepnorm", "lns"]
 ARCH_CASES = [f"arch_{a}" for a in ARCHS]
 LAUNCHES = {
-    1: [dict(name=REFERENCE, tp=1, pp=1, vanilla=True, archs=ARCHS)],
+    1: [dict(name=REFERENCE, tp=1, pp=1, vanilla=True, archs=ARCHS, monitor=True)],
     2: [
-        dict(name="tp2", tp=2, pp=1, archs=ARCHS),
-        dict(name="pp2", tp=1, pp=2, archs=ARCHS),
+        dict(name="tp2", tp=2, pp=1, archs=ARCHS, monitor=True),
+        dict(name="pp2", tp=1, pp=2, archs=ARCHS, monitor=True),
         dict(name="pp2_vpp2", tp=1, pp=2, vpp=2),
         dict(name="pp2_uneven_first3_last5", tp=1, pp=2, first=3, last=5),
         dict(name="pp2_vpp2_layout", tp=1, pp=2, layout="Et*3|t*3|t|tL"),
@@ -165,8 +165,11 @@ def test_worker_ran_all_configs_core_only(oracle):
         cases = res[cfg["name"]]["cases"]
         expected = set(CASES) | ({"vanilla"} if cfg.get("vanilla") else set())
         expected |= {f"arch_{a}" for a in cfg.get("archs", [])}
+        expected |= {"monitor"} if cfg.get("monitor") else set()
         assert set(cases) == expected, cfg["name"]
-        for case in cases.values():
+        for case_name, case in cases.items():
+            if case_name == "monitor":
+                continue
             assert len(case["mb_losses"]) == 4
             assert all(math.isfinite(x) for x in case["mb_losses"])
 
@@ -182,6 +185,8 @@ def test_every_global_layer_built_exactly_once(oracle, name):
         assert flat == list(range(1, NUM_LAYERS + 1)), (name, tp_rank, [r["layers"] for r in mine])
         assert [r["layers"] for r in mine] == EXPECTED_LAYERS[name], name
     for case_name, case in res["cases"].items():
+        if case_name == "monitor":
+            continue
         assert sorted(case["layer_grad_sq"], key=int) == [str(l) for l in range(1, NUM_LAYERS + 1)]
 
 
@@ -297,3 +302,29 @@ def test_residual_architectures_across_layouts(oracle, arch):
         assert math.isclose(a, b, rel_tol=TP_TOL, abs_tol=TP_TOL), (arch, a, b)
     assert tp2["tp_replicated_max_abs_diff"] <= TP_TOL
     print(f"\n[oracle] {arch}: loss ws1 {ref['loss']!r}, pp2 {pp2['loss']!r}, tp2 {tp2['loss']!r}")
+
+
+def test_monitor_matches_direct_computation_across_layouts(oracle):
+    """prores_megatron.monitor: per-layer branch/output statistics and grad norms equal a direct
+    computation (forward hooks, p.grad) at world size 1, and TP2 / PP2 reproduce them."""
+    res = _results(oracle)
+    ref = res[REFERENCE]["cases"]["monitor"]
+    assert len(ref["table"]) == NUM_LAYERS
+    for got, direct in zip(ref["table"], ref["direct_table"]):
+        for a, b in zip(got, direct):
+            assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12), (got, direct)  # fp32 sums
+    for a, b in zip(ref["grad_sq"], ref["direct_grad_sq"]):
+        assert math.isclose(a, b, rel_tol=1e-6), (a, b)
+    # Same grads as the plain linear case of the oracle (same model, step and batches).
+    lin = res[REFERENCE]["cases"]["linear"]["layer_grad_sq"]
+    for l in range(1, NUM_LAYERS + 1):
+        assert math.isclose(ref["grad_sq"][l - 1], lin[str(l)], rel_tol=1e-6)
+    for name, tol in (("pp2", 0.0), ("tp2", 1e-6)):
+        got = res[name]["cases"]["monitor"]
+        for row_g, row_r in zip(got["table"], ref["table"]):
+            for a, b in zip(row_g, row_r):
+                assert math.isclose(a, b, rel_tol=tol, abs_tol=tol), (name, row_g, row_r)
+        for a, b in zip(got["grad_sq"], ref["grad_sq"]):
+            assert math.isclose(a, b, rel_tol=tol, abs_tol=tol), (name, a, b)
+    rms = [math.sqrt(r[4] / r[5]) for r in ref["table"]]
+    print("\n[oracle] monitor: layer-output RMS by depth", " ".join(f"{v:.4g}" for v in rms))
