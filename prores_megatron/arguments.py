@@ -133,8 +133,23 @@ def validate_prores_args(args) -> None:
 
 
 def _validate_arch(args) -> None:
-    """Combinations an architecture cannot express, named by their flags."""
+    """Combinations ProRes or an architecture cannot express, named by their flags."""
     impl = getattr(args, "transformer_impl", "local")
+    if impl not in ("local", "transformer_engine"):
+        raise ProResArgumentError(
+            f"--transformer-impl {impl}: ProRes supports 'local' and 'transformer_engine' (the "
+            "inference-optimized layer adds residuals inside its linears, where alpha cannot reach)"
+        )
+    if getattr(args, "spec", None) is not None:
+        raise ProResArgumentError(
+            "--spec replaces the layer spec; with ProRes wrap your spec with "
+            "prores_megatron.with_prores(spec, schedule, warmup_steps) and drop --spec"
+        )
+    if getattr(args, "multi_latent_attention", False) or getattr(args, "experimental_attention_variant", None):
+        raise ProResArgumentError(
+            "ProRes is tested with standard (GQA/MHA) attention only: drop --multi-latent-attention "
+            "/ --experimental-attention-variant"
+        )
     if getattr(args, "sequence_parallel", False) and impl == "local":
         raise ProResArgumentError(
             "--sequence-parallel needs norms that can be sharded over the sequence, which the "
@@ -153,8 +168,6 @@ def _validate_arch(args) -> None:
             f"--prores-arch {args.prores_arch} moves or adds norms, which the TE op fuser's fused "
             "MLP cannot express: drop --use-transformer-engine-op-fuser"
         )
-    if getattr(args, "multi_latent_attention", False):
-        raise ProResArgumentError(f"--prores-arch {args.prores_arch} supports standard attention only (no --multi-latent-attention)")
 
 
 def _validate_monitor(args) -> None:

@@ -39,22 +39,6 @@ def prores_layer_spec_fn(args):
     return layer_spec
 
 
-def _check_supported(args):
-    if args.transformer_impl not in ("local", "transformer_engine"):
-        raise ProResArgumentError(
-            f"--transformer-impl {args.transformer_impl}: ProRes supports 'local' and "
-            "'transformer_engine' (the inference-optimized layer adds residuals inside its "
-            "linears, where alpha cannot reach)"
-        )
-    if args.spec is not None:
-        raise ProResArgumentError(
-            "--spec replaces the layer spec; with ProRes wrap your spec with "
-            "prores_megatron.with_prores(spec, schedule, warmup_steps) and drop --spec"
-        )
-    if getattr(args, "multi_latent_attention", False) or getattr(args, "experimental_attention_variant", None):
-        raise ProResArgumentError("ProRes is tested with standard (GQA/MHA) attention only")
-
-
 class AlphaLogger:
     """Writes alpha per layer to the training log and Megatron's TensorBoard/W&B writers."""
 
@@ -255,7 +239,6 @@ def main(argv=None):
     args = parse_and_validate_args(extra_args_provider=add_prores_args)
     try:
         validate_prores_args(args)
-        _check_supported(args)
     except ProResArgumentError as err:
         print(f"prores_megatron.pretrain_gpt: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -7,6 +7,8 @@
 #   PRORES_ARGS     ProRes flags (default: linear, T = 2 steps per layer)
 #   EXTRA_ARGS      anything else, appended last (it wins)
 #   PYTHON          interpreter (default: the project environment, built on first use)
+#   DRY_RUN=1       validate and print the layout, alpha plan, parameter count and command instead
+#                   (python -m prores_megatron.dry_run; DRY_RUN_ARGS=--json for machine output)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
@@ -23,7 +25,7 @@ read -r -a PRORES_ARGS <<< "${PRORES_ARGS:---prores-schedule linear --prores-war
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 [[ -n "${EXIT_INTERVAL:-}" ]] && EXTRA=(--exit-interval "$EXIT_INTERVAL" "${EXTRA[@]}")
 
-DISTRIBUTED_ARGS=(--nproc_per_node "$WORLD" --nnodes 1 --master_addr 127.0.0.1 --master_port "$MASTER_PORT")
+DISTRIBUTED_ARGS=(--nproc_per_node "$WORLD" --nnodes 1 --node_rank 0 --master_addr 127.0.0.1 --master_port "$MASTER_PORT")
 MODEL_ARGS=(
     --num-layers 8 --hidden-size 64 --ffn-hidden-size 172 --num-attention-heads 4
     --group-query-attention --num-query-groups 2
@@ -50,8 +52,16 @@ EVAL_AND_LOGGING_ARGS=(
     --tensorboard-dir "$SAVE_DIR/../tensorboard"
 )
 
+ALL_ARGS=(
+    "${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}" "${CPU_ARGS[@]}"
+    "${DATA_ARGS[@]}" "${EVAL_AND_LOGGING_ARGS[@]}" "${PRORES_ARGS[@]}" "${EXTRA[@]}"
+)
+
 export OMP_NUM_THREADS=1 CUDA_DEVICE_MAX_CONNECTIONS=1 PYTHONUNBUFFERED=1
 cd "$ROOT"
-exec "$PYTHON" -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" -m prores_megatron.pretrain_gpt \
-    "${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}" "${CPU_ARGS[@]}" \
-    "${DATA_ARGS[@]}" "${EVAL_AND_LOGGING_ARGS[@]}" "${PRORES_ARGS[@]}" "${EXTRA[@]}"
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+    NNODES=1 NODE_RANK=0 GPUS_PER_NODE=$WORLD MASTER_ADDR=127.0.0.1
+    source "$ROOT/examples/scripts/dry_run_lib.sh"
+    prores_dry_run --dry-run-launcher "$(printf '%q ' "$PYTHON" -m torch.distributed.run)" -- "${ALL_ARGS[@]}"
+fi
+exec "$PYTHON" -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" -m prores_megatron.pretrain_gpt "${ALL_ARGS[@]}"

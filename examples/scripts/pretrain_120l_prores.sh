@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# A 120-layer, ~6.3 B-parameter Llama-style model (hidden 2048, 16 heads, FFN 5632, seq 4096) with
+# ProRes at T = 500 (the paper's choice at >= 96 layers: layer l reaches alpha = 1 at step 500*l).
+# Defaults: 8 nodes x 8 H100s = TP 2 (inside a node, with sequence parallel) x PP 8 (one stage per
+# node) x DP 4, three virtual stages per pipeline rank through an explicit
+# --pipeline-model-parallel-layout that gives the embedding and loss chunks fewer layers, FP8 (TE
+# delayed scaling) with bf16, distributed optimizer, selective recompute. Why this split, and where
+# the 120-layer shape meets Megatron-LM's limits: examples/scripts/README.md.
+#
+#   DRY_RUN=1 bash examples/scripts/pretrain_120l_prores.sh
+# checks it without a GPU (Megatron-LM + ProRes validation for this world size, layer -> stage and
+# chunk table covering 1..120, alpha plan, parameter count, torchrun command; DRY_RUN_ARGS=--json).
+#
+# Environment (positional arguments 1-4 override the paths, Megatron-LM example style):
+#   NNODES, NODE_RANK, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT   torchrun rendezvous (8, 0, 8, localhost, 6000)
+#   CHECKPOINT_PATH ($1), TENSORBOARD_LOGS_PATH ($2)   default runs/prores_120l/{checkpoints,tensorboard}
+#   TOKENIZER_MODEL ($3)   SentencePiece tokenizer.model (Llama-2's 32000 tokens assumed by the dry run)
+#   DATA_PATH ($4)         indexed-dataset prefix(es) (PREFIX.bin/.idx)       MOCK=1: synthetic data
+#   TP (2), PP (8)         tensor / pipeline parallel sizes
+#   PP_LAYOUT              --pipeline-model-parallel-layout (default: the balanced PP=8 layout below;
+#                          set it empty to split evenly, with VPP virtual stages per rank if given)
+#   VPP                    --num-virtual-stages-per-pipeline-rank when PP_LAYOUT is empty
+#   MICRO_BATCH_SIZE (1), GLOBAL_BATCH_SIZE (512), TRAIN_ITERS (150000)
+#   PRORES_SCHEDULE (linear), PRORES_WARMUP_STEPS (500)
+#   EXTRA_ARGS             more flags, appended last          PYTHON  dry-run interpreter
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+RUN_DIR="$ROOT/runs/prores_120l"
+
+NNODES=${NNODES:-8}
+NODE_RANK=${NODE_RANK:-0}
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+MASTER_ADDR=${MASTER_ADDR:-localhost}
+MASTER_PORT=${MASTER_PORT:-6000}
+CHECKPOINT_PATH=${1:-${CHECKPOINT_PATH:-$RUN_DIR/checkpoints}}
+TENSORBOARD_LOGS_PATH=${2:-${TENSORBOARD_LOGS_PATH:-$RUN_DIR/tensorboard}}
+TOKENIZER_MODEL=${3:-${TOKENIZER_MODEL:-}}
+DATA_PATH=${4:-${DATA_PATH:-}}
+MOCK=${MOCK:-0}
+DRY_RUN=${DRY_RUN:-0}
+TP=${TP:-2}
+PP=${PP:-8}
+# 24 chunks (8 ranks x 3 virtual stages), listed virtual stage by virtual stage, rank 0 first. The
+# loss chunk (last rank, last stage: final norm + bf16 LM head + cross-entropy, about two layers of
+# FP8 work) and the embedding chunk (rank 0, which also holds the most in-flight micro-batches) get
+# 4 layers; two middle chunks (ranks 3 and 4, stage 1) take the 2 left over. Per rank: 14, 15, 15,
+# 16, 16, 15, 15, 14 layers.
+BALANCED_LAYOUT_PP8="Et*4|(t*5|)*10,t*6|t*6|(t*5|)*10,t*4L"
+if [[ -z "${PP_LAYOUT+set}" ]]; then
+    PP_LAYOUT=$([[ "$PP" == 8 ]] && echo "$BALANCED_LAYOUT_PP8" || true)
+fi
+VPP=${VPP:-}
+MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-1}
+GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-512}
+TRAIN_ITERS=${TRAIN_ITERS:-150000}
+PRORES_SCHEDULE=${PRORES_SCHEDULE:-linear}
+PRORES_WARMUP_STEPS=${PRORES_WARMUP_STEPS:-500}
+read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
+
+DISTRIBUTED_ARGS=(
+    --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
+)
+MODEL_ARGS=(
+    --num-layers 120 --hidden-size 2048 --ffn-hidden-size 5632 --num-attention-heads 16
+    --seq-length 4096 --max-position-embeddings 4096
+    --position-embedding-type rope --rotary-base 10000 --rotary-percent 1.0
+    --swiglu --normalization RMSNorm --norm-epsilon 1e-5
+    --untie-embeddings-and-output-weights --disable-bias-linear
+    --attention-dropout 0.0 --hidden-dropout 0.0 --init-method-std 0.02
+    --transformer-impl transformer_engine --attention-backend auto
+)
+TRAINING_ARGS=(
+    --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
+    --train-iters "$TRAIN_ITERS"
+    --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 2000
+    --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
+    --recompute-granularity selective  # core_attn (Megatron's default module)
+)
+DTYPE_ARGS=(
+    --bf16 --fp8-format hybrid --fp8-recipe delayed
+    --fp8-amax-history-len 1024 --fp8-amax-compute-algo max
+)
+MODEL_PARALLEL_ARGS=(
+    --tensor-model-parallel-size "$TP" --sequence-parallel --pipeline-model-parallel-size "$PP"
+)
+if [[ -n "$PP_LAYOUT" ]]; then
+    MODEL_PARALLEL_ARGS+=(--pipeline-model-parallel-layout "$PP_LAYOUT")
+fi
+if [[ -n "$VPP" ]]; then  # with PP_LAYOUT too, the dry run / Megatron refuses the pair by name
+    MODEL_PARALLEL_ARGS+=(--num-virtual-stages-per-pipeline-rank "$VPP")
+fi
+DDP_ARGS=(--use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather)
+if [[ "$MOCK" == 1 ]]; then
+    DATA_ARGS=(--mock-data --tokenizer-type NullTokenizer --vocab-size 32000 --split 99,1,0)
+else
+    if [[ -z "$DATA_PATH" || -z "$TOKENIZER_MODEL" ]]; then
+        echo "pretrain_120l_prores.sh: set DATA_PATH (indexed-dataset prefix) and" \
+             "TOKENIZER_MODEL (SentencePiece tokenizer.model), or MOCK=1 for synthetic data" >&2
+        exit 2
+    fi
+    read -r -a DATA_PATH_ARR <<< "$DATA_PATH"
+    DATA_ARGS=(--data-path "${DATA_PATH_ARR[@]}" --split 99,1,0
+               --tokenizer-type Llama2Tokenizer --tokenizer-model "$TOKENIZER_MODEL")
+fi
+EVAL_AND_LOGGING_ARGS=(
+    --save "$CHECKPOINT_PATH" --load "$CHECKPOINT_PATH" --save-interval 1000 --ckpt-format torch_dist
+    --log-interval 1 --eval-interval 1000 --eval-iters 10
+    --tensorboard-dir "$TENSORBOARD_LOGS_PATH" --log-throughput --distributed-timeout-minutes 60
+)
+PRORES_ARGS=(--prores-schedule "$PRORES_SCHEDULE" --prores-warmup-steps "$PRORES_WARMUP_STEPS")
+ALL_ARGS=(
+    "${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${DTYPE_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}"
+    "${DDP_ARGS[@]}" "${DATA_ARGS[@]}" "${EVAL_AND_LOGGING_ARGS[@]}" "${PRORES_ARGS[@]}" "${EXTRA[@]}"
+)
+
+export CUDA_DEVICE_MAX_CONNECTIONS=1  # TP/SP comm ordering on Hopper (asserted for TP > 1)
+if [[ "$DRY_RUN" == 1 ]]; then
+    source "$ROOT/examples/scripts/dry_run_lib.sh"
+    prores_dry_run --dry-run-vocab-size 32000 -- "${ALL_ARGS[@]}"
+fi
+if [[ "$MOCK" != 1 && ! -f "$TOKENIZER_MODEL" ]]; then
+    echo "pretrain_120l_prores.sh: TOKENIZER_MODEL=$TOKENIZER_MODEL is not a file" >&2
+    exit 2
+fi
+mkdir -p "$CHECKPOINT_PATH" "$TENSORBOARD_LOGS_PATH"
+exec torchrun "${DISTRIBUTED_ARGS[@]}" -m prores_megatron.pretrain_gpt "${ALL_ARGS[@]}"
