@@ -16,27 +16,7 @@ from functools import partial
 import torch
 
 from .arguments import ProResArgumentError, add_prores_args, describe_prores_args, validate_prores_args
-
-
-def prores_layer_spec_fn(args):
-    """The callable GPTModelConfig.transformer_layer_spec: a fresh ProRes spec per chunk."""
-    from .spec import get_prores_layer_spec
-
-    def layer_spec(model_config, vp_stage=None):
-        t = model_config.transformer
-        return get_prores_layer_spec(
-            transformer_impl=t.transformer_impl,
-            schedule=args.prores_schedule,
-            warmup_steps=args.prores_warmup_steps,
-            arch=args.prores_arch,
-            config=t,
-            normalization=t.normalization,
-            qk_layernorm=t.qk_layernorm,
-            num_experts=t.num_moe_experts,
-            moe_grouped_gemm=t.moe_grouped_gemm,
-        )
-
-    return layer_spec
+from .megatron_lm import attach_monitor, configure_model_config
 
 
 class AlphaLogger:
@@ -191,39 +171,6 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
 datasets_provider.is_distributed = True  # every rank builds its own loader; see get_batch
 
 
-def init_hook(args):
-    """pre_wrap_hook: re-draw the weights for --prores-init (before DDP and the fp16/bf16 wrapper)."""
-    from .init_schemes import apply_init
-
-    def hook(model_chunks):
-        from megatron.training import print_rank_0
-
-        apply_init(model_chunks, args.prores_init, sigma=args.init_method_std, seed=args.seed)
-        if args.prores_init != "megatron":
-            print_rank_0(f"ProRes: weights initialised with --prores-init {args.prores_init} "
-                         f"(sigma {args.init_method_std:g})")
-        return model_chunks
-
-    return hook
-
-
-def coverage_hook(args):
-    """post_wrap_hook: the collective coverage guard, once, while every rank is in step."""
-    from .stepping import set_prores_step
-
-    def hook(model_chunks):
-        from megatron.training import print_rank_0
-
-        set_prores_step(model_chunks, 0)  # raises on every rank unless layers 1..L are all built
-        print_rank_0(
-            f"ProRes coverage check passed: global layers 1..{args.num_layers} each built once "
-            f"across {args.pipeline_model_parallel_size} pipeline stage(s)"
-        )
-        return model_chunks
-
-    return hook
-
-
 def main(argv=None):
     from .cpu_shim import install_cpu_shim
 
@@ -244,36 +191,10 @@ def main(argv=None):
         sys.exit(2)
     print_rank_0(describe_prores_args(args))
 
-    model_cfg = gpt_config_from_args(args)
-    model_cfg.transformer_layer_spec = prores_layer_spec_fn(args)
-    model_cfg.pre_wrap_hooks = [*model_cfg.pre_wrap_hooks, init_hook(args)]
-    model_cfg.post_wrap_hooks = [*model_cfg.post_wrap_hooks, coverage_hook(args)]
-    monitor = None
-    if args.prores_monitor_interval > 0:
-        from .training_monitor import TrainingMonitor
-
-        monitor = TrainingMonitor(args)
-        model_cfg.post_wrap_hooks.append(monitor.attach)
-        _wrap_training_log(monitor)
+    model_cfg = configure_model_config(gpt_config_from_args(args), args)
+    monitor = attach_monitor(model_cfg, args)
     cfg = pretrain_cfg_container_from_args(args, model_cfg)
     pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, make_forward_step(args, monitor))
-
-
-def _wrap_training_log(monitor):
-    """Megatron-LM 0.19 has no per-iteration callback; training_log sees every iteration's loss
-    and grad norm, and train() looks it up as a module global, so wrapping it reaches the loop."""
-    from megatron.training import training
-
-    inner = training.training_log
-
-    def training_log(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
-                     report_memory_flag, skipped_iter, grad_norm, *args, **kwargs):
-        out = inner(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
-                    report_memory_flag, skipped_iter, grad_norm, *args, **kwargs)
-        monitor.on_training_log(loss_dict, learning_rate, iteration, grad_norm, skipped_iter)
-        return out
-
-    training.training_log = training_log
 
 
 if __name__ == "__main__":
