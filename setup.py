@@ -18,5 +18,13 @@ setup(
         "hf": ["transformers", "safetensors", "sentencepiece"],
         "test": ["pytest"],
     },
-    entry_points={"console_scripts": ["prores-megatron-pretrain=prores_megatron.pretrain_gpt:main"]},
+    entry_points={
+        "console_scripts": [
+            "prores-megatron-pretrain=prores_megatron.pretrain_gpt:main",
+            "prores-megatron-convert-to-hf=prores_megatron.convert_to_hf:main",
+            "prores-megatron-train-tokenizer=prores_megatron.tokenizer_training:main",
+            "prores-megatron-preprocess-data=prores_megatron.indexed_data:main",
+            "prores-megatron=prores_megatron.cli:main",
+        ]
+    },
 )
