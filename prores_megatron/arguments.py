@@ -179,6 +179,11 @@ def _validate_monitor(args) -> None:
         value = getattr(args, attr, low)
         if value < low:
             raise ProResArgumentError(f"{flag}={value} must be >= {low}")
+    if getattr(args, "prores_spike_min_history", 1) > getattr(args, "prores_spike_window", 1000):
+        raise ProResArgumentError(
+            f"--prores-spike-min-history={args.prores_spike_min_history} must be <= "
+            f"--prores-spike-window={args.prores_spike_window}"
+        )
     if not getattr(args, "prores_spike_threshold", 7.0) > 0:
         raise ProResArgumentError(f"--prores-spike-threshold={args.prores_spike_threshold} must be > 0")
 

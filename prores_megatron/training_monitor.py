@@ -44,6 +44,7 @@ class TrainingMonitor:
         self.armed_step = None
         self.pending = None  # (step, table, grad_sq) of the last monitored iteration
         self.spikes = None
+        self.logged = {}
         self.file = None
         self.warned_distopt = False
 
@@ -73,14 +74,10 @@ class TrainingMonitor:
 
         # Megatron's train() keeps a finalize function installed before it (0.19 behaviour).
         config.finalize_model_grads_func = finalize_then_measure
-        from .spike_score import OnlineSpikeScore
-
         a = self.args
-        spike_kwargs = dict(window=a.prores_spike_window, threshold=a.prores_spike_threshold,
-                            min_history=a.prores_spike_min_history, total_steps=a.train_iters)
-        self.spikes = {"loss": OnlineSpikeScore(**spike_kwargs), "grad_norm": OnlineSpikeScore(**spike_kwargs)}
         if self._is_writer():
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self.logged = _logged_steps(self.path)  # a resumed run's history, for the spike score
             self.file = open(self.path, "a", encoding="utf-8")
             self._write({
                 "kind": "run", "schedule": a.prores_schedule, "warmup_steps": a.prores_warmup_steps,
@@ -126,17 +123,34 @@ class TrainingMonitor:
         self.pending = (self.armed_step, table, grad_sq)
         self.armed_step = None
 
+    def _start_spike_detectors(self, iteration):
+        """Online spike detectors, fed the run's earlier iterations when this launch resumed."""
+        from .spike_score import OnlineSpikeDetector, SpikeConfig
+
+        a = self.args
+        config = SpikeConfig(window=a.prores_spike_window, threshold=a.prores_spike_threshold,
+                             min_history=a.prores_spike_min_history)
+        earlier = [self.logged.get(i) for i in range(1, iteration)]
+        first = 1 if all(r is not None for r in earlier) else iteration  # a gap: start afresh
+        self.spikes = {k: OnlineSpikeDetector(a.train_iters, config, first_iteration=first)
+                       for k in ("lm_loss", "grad_norm")}
+        for i in range(first, iteration):
+            for key, detector in self.spikes.items():
+                detector.update(i, earlier[i - 1][key])
+
     def on_training_log(self, loss_dict, learning_rate, iteration, grad_norm, skipped_iter):
         """From the wrapped training_log, every iteration, on every rank."""
-        if self.spikes is None:
+        if self.layer_monitor is None:
             return
         step = iteration - 1
         loss = loss_dict.get("lm loss")
         loss = float(loss) if loss is not None else None
         if loss is not None and self.file is not None:
-            self.spikes["loss"].update(step, loss)
-            if grad_norm is not None:
-                self.spikes["grad_norm"].update(step, float(grad_norm))
+            if self.spikes is None:
+                self._start_spike_detectors(iteration)
+            grad = None if grad_norm is None else float(grad_norm)
+            self.spikes["lm_loss"].update(iteration, loss)
+            self.spikes["grad_norm"].update(iteration, float("nan") if grad is None else grad)
             self._write({"kind": "step", "iteration": iteration, "step": step, "lm_loss": loss,
                          "grad_norm": None if grad_norm is None else float(grad_norm),
                          "lr": learning_rate, "skipped": bool(skipped_iter)})
@@ -172,19 +186,40 @@ class TrainingMonitor:
             wandb_writer.log(logs, iteration)
 
     def finish(self, iteration):
-        if self.file is None or self.file.closed:
+        if self.file is None or self.file.closed or self.spikes is None:
             return
-        loss, grad = self.spikes["loss"], self.spikes["grad_norm"]
-        self._write({"kind": "spikes", "iteration": iteration, "loss_score": loss.score(),
-                     "grad_norm_score": grad.score(), "window_used": loss.window_used(),
-                     "evaluated_steps": loss.evaluated()})
+        loss, grad = self.spikes["lm_loss"].result(), self.spikes["grad_norm"].result()
+        self._write({"kind": "spikes", "iteration": iteration, "loss_score": loss.score,
+                     "grad_norm_score": grad.score, "window_used": loss.window_used,
+                     "evaluated_steps": loss.evaluated, "loss_spike_iterations": loss.spike_iterations,
+                     "grad_norm_spike_iterations": grad.spike_iterations})
         from megatron.training import print_rank_last
 
-        print_rank_last(f" [ProRes monitor] spike score (% of steps in 10-90% of training): "
-                        f"loss {loss.score():.3g}, grad norm {grad.score():.3g} "
-                        f"(window {loss.window_used()}); written to {self.path}")
+        fmt = lambda v: "n/a (too few steps)" if v is None else f"{v:.3g} %"
+        print_rank_last(f" [ProRes monitor] spike score over 10-90% of training: loss {fmt(loss.score)}, "
+                        f"grad norm {fmt(grad.score)} (window used {loss.window_used}, "
+                        f"{loss.evaluated} steps judged); written to {self.path}")
         self.file.close()
 
     def _write(self, record):
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()  # a crash keeps every line written so far
+
+
+def _logged_steps(path):
+    """{iteration: {"lm_loss", "grad_norm"}} from an existing monitor file (the last record wins,
+    as a run resumed from an earlier checkpoint logs those iterations again)."""
+    out = {}
+    if not os.path.exists(path):
+        return out
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if rec.get("kind") == "step":
+                grad = rec.get("grad_norm")
+                out[rec["iteration"]] = {"lm_loss": rec["lm_loss"],
+                                         "grad_norm": float("nan") if grad is None else grad}
+    return out

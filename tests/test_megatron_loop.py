@@ -19,7 +19,9 @@ from prores_megatron import alpha_table
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "scripts" / "pretrain_tiny_cpu.sh"
 ITERS, STOP, L, T = 6, 3, 8, 1.0
-PRORES = f"--prores-schedule linear --prores-warmup-steps {T:g}"
+# The monitor is on (every 2 iterations) with a spike window short enough to judge steps 3..5.
+PRORES = (f"--prores-schedule linear --prores-warmup-steps {T:g} --prores-monitor-interval 2 "
+          "--prores-spike-window 4 --prores-spike-min-history 2")
 
 
 def launch(tmp: Path, name: str, tp: int, pp: int, save: Path, exit_interval=None, extra=""):
@@ -43,6 +45,12 @@ def scalars(tb_dir: Path):
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 
 
+def read_jsonl(path):
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 @pytest.fixture(scope="module", params=[(1, 1), (2, 1), (1, 2)], ids=["ws1", "tp2", "pp2"])
 def runs(request, tmp_path_factory):
     tp, pp = request.param
@@ -55,6 +63,8 @@ def runs(request, tmp_path_factory):
         for tag, values in scalars(tmp / part).items():
             merged.setdefault(tag, {}).update(values)
     return dict(
+        monitor_straight=read_jsonl(tmp / "ckpt_straight" / "prores_monitor.jsonl"),
+        monitor_split=read_jsonl(tmp / "ckpt_split" / "prores_monitor.jsonl"),
         straight=scalars(tmp / "tb_straight"),
         split=merged,
         logs=(straight_log, first_log, resumed_log),
@@ -98,6 +108,44 @@ def test_training_log_has_alpha_and_coverage(runs):
     resumed_iters = [int(i) for i in re.findall(r"\[ProRes\] iteration\s+(\d+)", resumed_log)]
     assert resumed_iters == list(range(STOP + 1, ITERS + 1))
     assert "ProRes warmup ends at step 8" in straight_log  # warmup longer than --train-iters
+
+
+def test_monitor_records(runs):
+    """The monitor JSONL: every iteration's loss (as TensorBoard has it), per-layer statistics every
+    2 iterations, the same after a resume, and online spike scores equal to the offline ones."""
+    import math
+
+    import numpy as np
+
+    from prores_megatron.spike_score import SpikeConfig, spike_score
+
+    straight, split, tb = runs["monitor_straight"], runs["monitor_split"], runs["straight"]
+    kinds = [r["kind"] for r in straight]
+    assert kinds[0] == "run" and kinds[-1] == "spikes" and kinds.count("step") == ITERS
+    assert [r["kind"] for r in split].count("run") == 2  # one per launch
+    steps = {r["iteration"]: r for r in straight if r["kind"] == "step"}
+    for i, rec in steps.items():
+        assert np.float32(rec["lm_loss"]) == np.float32(tb["lm loss"][i])
+        assert np.float32(rec["grad_norm"]) == np.float32(tb["grad-norm"][i])
+    layers = [r for r in straight if r["kind"] == "layers"]
+    assert [r["iteration"] for r in layers] == [2, 4, 6]
+    for rec in layers:
+        assert rec["alpha"] == alpha_table("linear", rec["step"], T, L)
+        for key in ("attn_rms", "mlp_rms", "resid_rms", "resid_norm", "grad_norm"):
+            assert len(rec[key]) == L and all(v > 0 and math.isfinite(v) for v in rec[key]), key
+        # The layers' gradients are part of the global gradient (with embedding, output, final norm).
+        assert math.sqrt(sum(g * g for g in rec["grad_norm"])) < steps[rec["iteration"]]["grad_norm"]
+        # A token's L2 norm is sqrt(hidden) x its RMS on average (equal for uniform tokens): same order.
+        for rms, norm in zip(rec["resid_rms"], rec["resid_norm"]):
+            assert 0.5 * rms * 8 < norm <= rms * 8 + 1e-6  # hidden 64: sqrt(64) = 8
+    split_layers = [r for r in split if r["kind"] == "layers"]
+    assert split_layers == layers  # bit-exact after the resume, like the loss
+    config = SpikeConfig(window=4, threshold=7.0, min_history=2)
+    for key, name in (("lm_loss", "loss_score"), ("grad_norm", "grad_norm_score")):
+        offline = spike_score([steps[i][key] for i in range(1, ITERS + 1)], config=config)
+        for run in (straight, split):
+            spikes = [r for r in run if r["kind"] == "spikes"][-1]
+            assert spikes[name] == offline.score and spikes["evaluated_steps"] == offline.evaluated == 3
 
 
 ARCH_INIT = [("pre", "ds"), ("post", "plain"), ("sandwich", "scaled"), ("deepnorm", "deepnorm"), ("lns", "megatron")]
