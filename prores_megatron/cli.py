@@ -1,0 +1,54 @@
+"""The ``prores-megatron`` command: ``plan``, ``report`` and ``cosine`` (``--help`` on each).
+
+Contract: ``main(argv)`` parses the subcommand and its flags and returns the exit status: 0 on
+success, 2 with ``prores-megatron <command>: error: <message naming the flag or file>`` on stderr
+when the input is refused (``UsageError``, or a log/checkpoint that cannot be read). Each
+subcommand lives in its own module (``plan_cmd``, ``report_cmd``, ``cosine_cmd``), imported only
+when chosen, so ``plan`` never imports torch or Megatron.
+"""
+
+import argparse
+import importlib
+import sys
+
+
+class UsageError(ValueError):
+    """The command's input is wrong; the message names the flag or the file."""
+
+
+COMMANDS = {
+    "plan": ("plan_cmd", "alpha per layer against step for a configuration: text, warnings and a heatmap PNG"),
+    "report": ("report_cmd", "markdown report with plots from one or more runs' monitor JSONL / TensorBoard logs"),
+    "cosine": ("cosine_cmd", "layerwise cosine similarity of branch outputs between checkpoints and the final one"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prores-megatron", allow_abbrev=False,
+                                     description="ProRes analysis tools; 'prores-megatron COMMAND --help' for each.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{plan,report,cosine}")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+        _module(name).add_arguments(p)
+    return parser
+
+
+def _module(name: str):
+    return importlib.import_module(f".{COMMANDS[name][0]}", __package__)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    module = _module(args.command)
+    try:
+        return module.run(args)
+    except (UsageError, *getattr(module, "INPUT_ERRORS", ())) as err:
+        print(f"prores-megatron {args.command}: error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    # Through the package module, so the subcommands' ``from .cli import UsageError`` is this class.
+    from prores_megatron.cli import main as _main
+
+    sys.exit(_main())
