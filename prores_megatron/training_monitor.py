@@ -209,17 +209,17 @@ class TrainingMonitor:
 def _logged_steps(path):
     """{iteration: {"lm_loss", "grad_norm"}} from an existing monitor file (the last record wins,
     as a run resumed from an earlier checkpoint logs those iterations again)."""
-    out = {}
+    from pathlib import Path
+
+    from .run_logs import RunLogError, read_monitor
+
     if not os.path.exists(path):
-        return out
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            if rec.get("kind") == "step":
-                grad = rec.get("grad_norm")
-                out[rec["iteration"]] = {"lm_loss": rec["lm_loss"],
-                                         "grad_norm": float("nan") if grad is None else grad}
-    return out
+        return {}
+    try:
+        records = read_monitor(Path(path))
+    except RunLogError as err:  # e.g. a line cut by a crash: the spike score starts afresh
+        warnings.warn(f"{err}; the online spike score restarts at this launch")
+        return {}
+    nan = float("nan")
+    return {rec["iteration"]: {"lm_loss": rec["lm_loss"], "grad_norm": nan if rec.get("grad_norm") is None
+                               else rec["grad_norm"]} for _, rec in records["step"]}

@@ -31,3 +31,36 @@ def mcore_world1():
     model_parallel_cuda_manual_seed(1234)
     torch.set_num_threads(1)
     yield parallel_state
+
+
+@pytest.fixture(scope="session")
+def short_demo(tmp_path_factory):
+    """The README's main job, shortened: examples/scripts/demo_cpu.sh on a 200-document slice of
+    the demo corpus, 4 layers, 6 steps. Returns its DEMO_DIR (one run shared by the tests)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from prores_megatron.corpus import fetch_demo_corpus
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("short_demo")
+    corpus = Path(fetch_demo_corpus())
+    docs = corpus.read_text(encoding="utf-8").splitlines()[:200]
+    (out / "slice.jsonl").write_text("\n".join(docs) + "\n", encoding="utf-8")
+    assert all("text" in json.loads(d) for d in docs)
+    env = dict(os.environ, PYTHON=sys.executable, DEMO_DIR=str(out / "demo"), CORPUS=str(out / "slice.jsonl"),
+               TRAIN_ITERS="6", NUM_LAYERS="4", SEQ="32", VOCAB="512", EVAL_INTERVAL="3",
+               MONITOR_INTERVAL="2", WARMUP_T="1")
+    proc = subprocess.run(["bash", str(root / "examples" / "scripts" / "demo_cpu.sh")], env=env,
+                          capture_output=True, text=True, timeout=900)
+    (out / "demo.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return out / "demo"
+
+
+@pytest.fixture(scope="session")
+def demo_export(short_demo):
+    """The shortened demo's Hugging Face export of its ProRes model."""
+    return short_demo / "hf"

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The main job: ProRes vs the plain model on real English text, on CPU, through Megatron-LM's own
+# training loop (pipeline parallel, 2 ranks on gloo), then a Hugging Face export, text generation
+# with transformers and a report. About 10 minutes on 2 cores (see README).
+#   DEMO_DIR     output folder (default runs/demo; reruns reuse the data and finished runs)
+#   CORPUS       your own text (.txt, .jsonl with a "text" key, .gz) instead of the demo corpus
+#   TRAIN_ITERS (300)  NUM_LAYERS (32)  HIDDEN (64)  SEQ (64)  VOCAB (4096)  PP (2)  TP (1)
+#   WARMUP_T (5: ProRes T per layer)  SEED (1234)  MONITOR_INTERVAL (25)  EVAL_INTERVAL (100)
+#   DATA_DIR     tokenizer + dataset folder (default DEMO_DIR/data; share it between runs)
+#   TRAIN_ONLY=1 stop after the two trainings (benchmarks/bench_quality.py uses it)
+#   PYTHON       interpreter (default: the project environment, built on first use)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then source "$ROOT/tools/setup_env.sh"; PYTHON="$PRORES_PY"; fi
+DEMO_DIR=${DEMO_DIR:-$ROOT/runs/demo}
+TRAIN_ITERS=${TRAIN_ITERS:-300}; NUM_LAYERS=${NUM_LAYERS:-32}; HIDDEN=${HIDDEN:-64}; SEQ=${SEQ:-64}
+VOCAB=${VOCAB:-4096}; PP=${PP:-2}; TP=${TP:-1}; WARMUP_T=${WARMUP_T:-5}; SEED=${SEED:-1234}
+MONITOR_INTERVAL=${MONITOR_INTERVAL:-25}; EVAL_INTERVAL=${EVAL_INTERVAL:-100}
+export OMP_NUM_THREADS=1 CUDA_DEVICE_MAX_CONNECTIONS=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+DATA="${DATA_DIR:-$DEMO_DIR/data}"; mkdir -p "$DATA" "$DEMO_DIR"
+START=$(date +%s)
+say() { printf '\n[demo %4ds] %s\n' $(( $(date +%s) - START )) "$*"; }
+cd "$ROOT"
+
+say "1/6 corpus"
+if [[ -z "${CORPUS:-}" ]]; then
+    CORPUS=$("$PYTHON" -m prores_megatron.corpus)
+fi
+echo "text: $CORPUS"
+if [[ ! -f "$DATA/tok.model" ]]; then
+    say "2/6 SentencePiece tokenizer (vocab $VOCAB)"
+    "$PYTHON" -m prores_megatron.tokenizer_training --input "$CORPUS" --json-keys text \
+        --output-prefix "$DATA/tok" --vocab-size "$VOCAB"
+fi
+if [[ ! -f "$DATA/demo_text_document.idx" ]]; then
+    say "3/6 Megatron indexed dataset"
+    "$PYTHON" -m prores_megatron.indexed_data --input "$CORPUS" --json-keys text \
+        --output-prefix "$DATA/demo" --tokenizer-type GPTSentencePieceTokenizer \
+        --tokenizer-model "$DATA/tok.model" --append-eod --workers 2
+fi
+
+MODEL_ARGS=(
+    --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --ffn-hidden-size $((HIDDEN * 8 / 3 / 4 * 4))
+    --num-attention-heads 4 --group-query-attention --num-query-groups 2
+    --seq-length "$SEQ" --max-position-embeddings "$SEQ" --position-embedding-type rope
+    --normalization RMSNorm --swiglu --disable-bias-linear --untie-embeddings-and-output-weights
+    --attention-dropout 0.0 --hidden-dropout 0.0 --init-method-std 0.02
+)
+TRAINING_ARGS=(
+    --micro-batch-size 4 --global-batch-size 16 --train-iters "$TRAIN_ITERS" --seed "$SEED"
+    --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters $((TRAIN_ITERS / 10))
+    --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
+)
+CPU_ARGS=(
+    --distributed-backend gloo --transformer-impl local --use-cpu-initialization --num-workers 0
+    --no-rope-fusion --no-persist-layer-norm --no-gradient-accumulation-fusion
+    --no-bias-swiglu-fusion --no-bias-dropout-fusion --no-masked-softmax-fusion
+)
+DATA_ARGS=(
+    --data-path "$DATA/demo_text_document" --split 95,5,0 --data-cache-path "$DATA/cache"
+    --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$DATA/tok.model"
+)
+train() {  # train NAME PRORES-FLAGS...
+    local name=$1; shift
+    local dir="$DEMO_DIR/$name"
+    if [[ "$(cat "$dir/ckpt/latest_checkpointed_iteration.txt" 2>/dev/null)" == "$TRAIN_ITERS" ]]; then
+        echo "$name: already trained to $TRAIN_ITERS iterations ($dir)"; return
+    fi
+    rm -rf "$dir"; mkdir -p "$dir"
+    "$PYTHON" -m torch.distributed.run --nproc_per_node $((TP * PP)) --nnodes 1 \
+        --master_addr 127.0.0.1 --master_port $((20000 + RANDOM % 20000)) -m prores_megatron.pretrain_gpt \
+        "${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${CPU_ARGS[@]}" "${DATA_ARGS[@]}" \
+        --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
+        --log-interval 10 --eval-interval "$EVAL_INTERVAL" --eval-iters 10 \
+        --save "$dir/ckpt" --save-interval "$TRAIN_ITERS" --ckpt-format torch_dist \
+        --tensorboard-dir "$dir/tensorboard" --prores-monitor-interval "$MONITOR_INTERVAL" \
+        --prores-spike-window 100 --prores-spike-min-history 20 "$@" 2>&1 \
+        | tee "$dir/train.log" | grep --line-buffered -E "\] iteration +[0-9]+/|validation loss at|ProRes:|rror" \
+        | sed -u -E 's/.*iteration +([0-9]+)\/ *([0-9]+) .*per iteration \(ms\): ([0-9.]+) .*lm loss: ([^ ]+) .*grad norm: ([^ ]+) .*/  iteration \1\/\2  lm loss \4  grad norm \5  (\3 ms per iteration)/; s/^-+$//'
+}
+say "4/6 training: ProRes (linear, T = $WARMUP_T steps per layer) and the baseline, $NUM_LAYERS layers, PP=$PP"
+train prores --prores-schedule linear --prores-warmup-steps "$WARMUP_T"
+train baseline --prores-schedule none
+val_loss() {  # the final validation loss Megatron printed for run $1
+    grep -E 'validation loss at iteration +'"$TRAIN_ITERS"' on validation set' "$DEMO_DIR/$1/train.log" \
+        | tail -1 | sed -E 's/.*lm loss value: ([^ ]+).*/\1/'
+}
+for name in prores baseline; do printf '%-9s validation loss: %s\n' "$name" "$(val_loss "$name")"; done \
+    | tee "$DEMO_DIR/summary.txt"
+if [[ -n "${TRAIN_ONLY:-}" ]]; then say "done (TRAIN_ONLY): $DEMO_DIR/summary.txt"; exit 0; fi
+
+say "5/6 Hugging Face export of the ProRes model, and text from transformers"
+"$PYTHON" -m prores_megatron.convert_to_hf "$DEMO_DIR/prores/ckpt" "$DEMO_DIR/hf" --force \
+    --dtype float32 --tokenizer-model "$DATA/tok.model"
+"$PYTHON" tools/generate_hf.py "$DEMO_DIR/hf" --max-new-tokens 30 | tee "$DEMO_DIR/generated.txt"
+
+say "6/6 report"
+"$PYTHON" -m prores_megatron.cli report --run "prores=$DEMO_DIR/prores" --run "baseline=$DEMO_DIR/baseline" \
+    --out "$DEMO_DIR/report" --title "ProRes vs baseline: $NUM_LAYERS-layer Llama on the demo corpus (CPU)" \
+    --spike-window 100 --spike-min-history 20
+cat "$DEMO_DIR/summary.txt"
+say "done: report $DEMO_DIR/report/report.md, export $DEMO_DIR/hf, text $DEMO_DIR/generated.txt"

@@ -1,0 +1,41 @@
+"""The README's main job (examples/scripts/demo_cpu.sh), shortened: it runs end to end and leaves
+the trained runs, the report with its plots, the HF export and generated text."""
+
+import json
+import re
+
+import pytest
+
+
+def test_demo_end_to_end(short_demo):
+    summary = (short_demo / "summary.txt").read_text()
+    losses = dict(re.findall(r"^(\w+)\s+validation loss: ([0-9.Ee+-]+)$", summary, flags=re.M))
+    assert set(losses) == {"prores", "baseline"}
+    assert all(0 < float(v) < 20 for v in losses.values())
+    for run in ("prores", "baseline"):
+        assert (short_demo / run / "ckpt" / "iter_0000006").is_dir()
+        kinds = [json.loads(l)["kind"] for l in (short_demo / run / "ckpt" / "prores_monitor.jsonl").read_text().splitlines()]
+        assert kinds.count("step") == 6 and kinds.count("layers") == 3 and kinds[-1] == "spikes"
+    report = (short_demo / "report" / "report.md").read_text()
+    assert "prores" in report and "baseline" in report
+    pngs = sorted((short_demo / "report").glob("*.png"))
+    assert len(pngs) >= 4 and all(p.stat().st_size > 5000 for p in pngs)
+    for png in pngs:
+        assert png.name in report  # every plot is in the report
+    config = json.loads((short_demo / "hf" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4 and config["vocab_size"] == 512
+    assert (short_demo / "hf" / "tokenizer.model").exists() or (short_demo / "hf" / "tokenizer.json").exists()
+    generated = (short_demo / "generated.txt").read_text()
+    blocks = re.findall(r"^--- '(.+)'\n(.+)$", generated, flags=re.M)
+    assert len(blocks) == 3
+    for prompt, text in blocks:
+        assert text.startswith(prompt) and len(text) > len(prompt)  # something was generated
+
+
+def test_demo_export_matches_megatron_alpha(short_demo):
+    """The export folded the ProRes run's alpha at its final step (6 steps, T = 1, 4 layers)."""
+    from prores_megatron import alpha_table
+
+    meta = json.loads((short_demo / "hf" / "prores_export.json").read_text())
+    assert (meta["schedule"], meta["warmup_steps"], meta["iteration"], meta["step"]) == ("linear", 1.0, 6, 6)
+    assert meta["alpha_per_layer"] == pytest.approx(alpha_table("linear", 6, 1.0, 4))
