@@ -7,7 +7,9 @@ interleaved A/B/A/B so drift hits both equally. Prints medians and the ratio Pro
 
 Memory: on CUDA, peak allocated bytes per step; on CPU (no allocator statistics), the bytes autograd
 keeps for backward (the activation memory), counted with saved-tensor hooks.
-Targets (issue 7): step time <= 1.005x, memory <= 1.001x.
+Targets (issue 7): step time <= 1.005x, memory <= 1.001x. Also the depth monitor's cost: the ProRes
+model's step with ``prores_megatron.monitor`` disarmed (an off-interval iteration) and armed (a
+monitoring iteration, statistics accumulated in every residual), against the same model's plain step.
 
     python benchmarks/bench_overhead.py [--layers 32 --hidden 256 --seq 256 --batch 8 --steps 30]
 """
@@ -116,12 +118,21 @@ def main(argv=None):
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)
     labels = torch.roll(tokens, -1, dims=1)
     positions = torch.arange(args.seq, device=device).expand(args.batch, args.seq)
-    times = {name: [] for name in models}
-    memory = {name: [] for name in models}
+    from prores_megatron.monitor import LayerMonitor
+
+    monitor = LayerMonitor(models["linear"])
+    times = {name: [] for name in (*models, "monitored")}
+    memory = {name: [] for name in (*models, "monitored")}
     for i in range(args.steps + 3):
-        order = ("linear", "none") if i % 2 == 0 else ("none", "linear")
+        order = ["linear", "none", "monitored"]
+        order = order[i % 3:] + order[:i % 3]  # rotate, so drift hits every variant alike
         for name in order:
-            elapsed, mem = step(models[name], opts[name], tokens, positions, labels, device)
+            model = models["linear" if name == "monitored" else name]
+            if name == "monitored":
+                monitor.start()
+            elapsed, mem = step(model, opts["linear" if name == "monitored" else name], tokens, positions, labels, device)
+            if name == "monitored":
+                monitor.stop()
             if i >= 3:
                 times[name].append(elapsed)
                 memory[name].append(mem)
@@ -132,8 +143,11 @@ def main(argv=None):
           f"{args.hidden}, seq {args.seq}, batch {args.batch}; {args.steps} interleaved steps each")
     print(f"step time median: ProRes {med['linear'] * 1e3:.2f} ms, none {med['none'] * 1e3:.2f} ms, "
           f"ratio {med['linear'] / med['none']:.4f} (target <= 1.005)")
-    print(f"memory [{what}]: ProRes {mem['linear'] / 2**20:.2f} MiB, none {mem['none'] / 2**20:.2f} MiB, "
+    print(f"memory [{what}]: ProRes {mem['linear'] / 2**20:.3f} MiB, none {mem['none'] / 2**20:.3f} MiB, "
           f"ratio {mem['linear'] / mem['none']:.5f} (target <= 1.001)")
+    print(f"depth monitor: monitoring iteration {med['monitored'] * 1e3:.2f} ms vs off-interval "
+          f"{med['linear'] * 1e3:.2f} ms, ratio {med['monitored'] / med['linear']:.4f}; an off-interval "
+          f"iteration runs the identical code path as monitoring off (one attribute test per residual)")
 
 
 if __name__ == "__main__":
