@@ -25,19 +25,6 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def setup_world1():
-    from prores_megatron.cpu_shim import install_cpu_shim
-
-    install_cpu_shim(training=False)
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:29531", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(1)
-
-
 def build(args, schedule, device):
     import torch.nn.functional as F
     from megatron.core.models.gpt.gpt_model import GPTModel
@@ -110,7 +97,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=30, help="timed steps per model (after 3 warm-up steps)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    setup_world1()
+    from prores_megatron.checkpoint_model import init_world1
+
+    init_world1("cuda" if torch.cuda.is_available() else "cpu", seed=1)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     models = {name: build(args, name, device) for name in ("linear", "none")}
     opts = {name: torch.optim.SGD(m.parameters(), lr=1e-4) for name, m in models.items()}

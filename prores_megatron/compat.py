@@ -2,7 +2,8 @@
 
 Contract: the other core modules import Megatron symbols only from here, so a megatron-core upgrade
 touches this file alone. Nothing here imports ``megatron.training`` (the core must stay usable from
-Megatron-Bridge or NeMo); the Megatron-LM glue keeps its own imports in ``megatron_lm.py``.
+Megatron-Bridge or NeMo); the Megatron-LM glue (``megatron_lm``, ``pretrain_gpt``,
+``training_monitor``) imports megatron.training itself, inside functions.
 Targets megatron-core 0.19.2.
 """
 

@@ -183,8 +183,9 @@ def _raw_files(raw_dir: Path, log) -> dict:
     out, missing = {}, []
     for src in SOURCES:
         path = raw_dir / src.name
-        if path.is_file() and _sha256_file(path) == src.sha256:
-            out[src.name] = path.read_bytes()
+        data = path.read_bytes() if path.is_file() else None
+        if data is not None and _sha256(data) == src.sha256:
+            out[src.name] = data
         else:
             missing.append(src)
     if not missing:

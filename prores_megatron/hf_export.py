@@ -167,7 +167,7 @@ def preflight(checkpoint, output, dtype="bfloat16", tokenizer_model=None, overri
     ckpt = open_checkpoint(checkpoint)
     layout, notes = resolve_layout(ckpt.args, ckpt.iteration, overrides,
                                    sp_vocab_size=sp.get_piece_size() if sp is not None else None)
-    if ckpt.format == "torch" and getattr(ckpt, "tp", 1) > layout.groups:
+    if ckpt.format == "torch" and ckpt.tp > layout.groups:
         raise ExportError(
             f"{ckpt.directory}: a legacy 'torch' checkpoint with TP={ckpt.tp} > {layout.groups} query "
             "groups stores replicated key/value heads per rank; re-save it with --ckpt-format torch_dist"
@@ -175,7 +175,7 @@ def preflight(checkpoint, output, dtype="bfloat16", tokenizer_model=None, overri
     _check_tensors(ckpt, layout)
     bos, eos = _token_ids(sp, layout, ckpt.args)
     out_dtype = DTYPES[dtype]
-    dtype_name = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}[out_dtype]
+    dtype_name = str(out_dtype).removeprefix("torch.")
     config = layout.hf_config(dtype_name, bos_token_id=bos, eos_token_id=eos)
     _validate_hf_config(config, notes)
     if sp is None and getattr(ckpt.args, "tokenizer_model", None):

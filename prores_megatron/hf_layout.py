@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Optional
 
+from .checkpoint_reader import LAYER_PREFIX
 from .schedules import alpha, canonical_schedule, needs_warmup_steps, total_warmup_steps
 
 ARCHS_EXPORTABLE = ("pre", "lns")
@@ -35,7 +36,7 @@ ARCH_REFUSALS = {
     "(Norm(c*x + a*F(x))); a Llama layer is Pre-LN with an unscaled skip",
 }
 
-LAYER = "decoder.layers."
+LAYER = LAYER_PREFIX
 QKV, PROJ = "self_attention.linear_qkv.", "self_attention.linear_proj."
 FC1, FC2 = "mlp.linear_fc1.", "mlp.linear_fc2."
 EMBEDDING, FINAL_NORM, OUTPUT = "embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "output_layer.weight"

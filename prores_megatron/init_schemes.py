@@ -99,7 +99,7 @@ def apply_init(model_chunks, scheme: str, sigma: float = 0.02, seed: int = 1234)
     with torch.no_grad():
         for chunk in chunks:
             layers = compat.decoder_layers(chunk)
-            if scheme != "megatron" and layers:
+            if layers:
                 cfg = layers[0].config
                 ng = cfg.num_query_groups or cfg.num_attention_heads
                 if tp_size > ng:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .hf_convert import split_gate_up
 from .checkpoint_reader import (
     LAYER_PREFIX,
     CheckpointError,
@@ -249,7 +250,7 @@ class LegacyTorchCheckpoint(MegatronCheckpoint):
         keys = {}
         for name in names:
             sub = name[len(LAYER_PREFIX):]
-            keys[name] = [f"decoder.layers.{local}.{k}" for k in _legacy_candidates(sub)]
+            keys[name] = [f"{LAYER_PREFIX}{local}.{k}" for k in _legacy_candidates(sub)]
         return self._gather(pp, vp, keys)
 
     def read(self, name):
@@ -300,5 +301,5 @@ def _merge_tp(name, shards):
     if kind == "row":
         return torch.cat(shards, dim=1)
     # SwiGLU fc1: each rank holds [gate_r; up_r]; the global tensor is [gate; up].
-    halves = [s.chunk(2, dim=0) for s in shards]
+    halves = [split_gate_up(s) for s in shards]
     return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)

@@ -21,7 +21,7 @@ import math
 import torch
 
 from . import compat
-from .residual_scale import ProResBiasDropoutAdd
+from .stepping import residual_scales
 
 # Columns of the per-layer accumulator.
 ATTN_SQ, ATTN_N, MLP_SQ, MLP_N, OUT_SQ, OUT_N, OUT_TOKNORM, OUT_TOKENS = range(8)
@@ -64,13 +64,11 @@ class _Recorder:
             self.acc[OUT_TOKENS] += y.numel() // y.shape[-1]
 
 
+_ROLES = {"self_attn_bda": "attn", "mlp_bda": "mlp"}
+
+
 def _residuals(layer):
-    out = []
-    for role, name in (("attn", "self_attn_bda"), ("mlp", "mlp_bda")):
-        module = getattr(layer, name, None)
-        if isinstance(module, ProResBiasDropoutAdd):
-            out.append((role, module))
-    return out
+    return [(_ROLES[field], module) for field, module in residual_scales(layer) if field in _ROLES]
 
 
 def _layers(model_chunks):

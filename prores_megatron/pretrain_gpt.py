@@ -6,8 +6,7 @@ spec. alpha is set from ``args.curr_iteration`` (completed optimizer steps, rest
 checkpoint on resume) at the top of every forward step, so recompute, micro-batches and every rank
 see the same value; the coverage guard runs once, collectively, right after the model is built.
 Data: ``--data-path`` indexed datasets or ``--mock-data``. On a machine without CUDA the CPU shim is
-installed first (gloo; see ``cpu_shim``). This is the only module of the package that imports
-``megatron.training``; it does so inside functions, after the shim.
+installed first (gloo; see ``cpu_shim``); ``megatron.training`` is imported inside functions, after it.
 """
 
 import sys

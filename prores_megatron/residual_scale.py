@@ -19,29 +19,32 @@ from .depth_scaling import lns_scale
 from .schedules import _check_warmup, canonical_schedule, needs_warmup_steps
 
 
+def check_schedule(schedule, warmup_steps):
+    """(canonical schedule, T) or ValueError: T is required exactly when alpha depends on the step."""
+    schedule = canonical_schedule(schedule)
+    if needs_warmup_steps(schedule) or warmup_steps is not None:
+        warmup_steps = _check_warmup(warmup_steps)
+    return schedule, warmup_steps
+
+
 class ProResBiasDropoutAdd(torch.nn.Module):
     """Bias-dropout-add whose branch input is scaled by alpha(layer, step) of one schedule."""
 
     def __init__(self, schedule: str = "linear", warmup_steps=None):
         super().__init__()
-        self.schedule = canonical_schedule(schedule)
-        if needs_warmup_steps(self.schedule) or warmup_steps is not None:
-            warmup_steps = _check_warmup(warmup_steps)
-        self.warmup_steps = warmup_steps
+        self.schedule, self.warmup_steps = check_schedule(schedule, warmup_steps)
         # NaN until set: a forgotten set_prores_step is an error below, never a silent alpha.
         unset = 1.0 if self.schedule == "none" else float("nan")
         self.register_buffer("alpha", torch.tensor(unset, dtype=torch.float32), persistent=False)
         self.alpha_value = unset  # host mirror: no device sync to read it
-        self.step = None  # step alpha was last computed for
         self.recorder = None  # armed by prores_megatron.monitor
         self.record_in_eval = False
 
-    def set_alpha(self, value: float, step=None) -> None:
+    def set_alpha(self, value: float) -> None:
         """Write alpha in place (host float64 value, cast once to the fp32 buffer)."""
         with torch.no_grad():
             self.alpha.fill_(value)
         self.alpha_value = float(value)
-        self.step = step
 
     def forward(self, training: bool, fused: bool):
         # A monitor (prores_megatron.monitor) may have armed a recorder; disarmed this is the

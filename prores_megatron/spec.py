@@ -16,14 +16,13 @@ import dataclasses
 
 from . import compat
 from .architectures import arch_layer_spec, check_arch
-from .residual_scale import ProResBiasDropoutAdd
+from .residual_scale import ProResBiasDropoutAdd, check_schedule
 
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 
 
 def _prores_bda_spec(schedule, warmup_steps):
-    # Validate now, at spec time, so a bad schedule fails before any model is built.
-    ProResBiasDropoutAdd(schedule, warmup_steps)
+    check_schedule(schedule, warmup_steps)  # at spec time: fails before any model is built
     return compat.ModuleSpec(
         module=ProResBiasDropoutAdd, params={"schedule": schedule, "warmup_steps": warmup_steps}
     )
@@ -50,7 +49,7 @@ def _with_prores_layer(layer_spec, schedule, warmup_steps):
         if current is compat.get_bias_dropout_add:
             replaced[field] = _prores_bda_spec(schedule, warmup_steps)
         elif _is_prores_bda(current):  # already ProRes (any architecture): re-parameterise only
-            _prores_bda_spec(schedule, warmup_steps)
+            check_schedule(schedule, warmup_steps)
             replaced[field] = dataclasses.replace(
                 current, params=dict(current.params, schedule=schedule, warmup_steps=warmup_steps)
             )

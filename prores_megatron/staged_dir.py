@@ -16,6 +16,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .staged_files import current_umask, writable_ancestor
+
 
 class OutputPathError(ValueError):
     """The output path cannot be (re)written."""
@@ -34,9 +36,7 @@ def check_output_path(output, force: bool, protected=()) -> Path:
             raise OutputPathError(f"output {output} exists and is not a directory; refusing to replace it")
         if not force:
             raise OutputPathError(f"output {output} already exists; pass --force to replace it")
-    ancestor = output.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
+    ancestor = writable_ancestor(output)
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputPathError(f"output {output}: {ancestor} is not writable")
     return output
@@ -52,9 +52,7 @@ def staged_directory(output, force: bool):
         ancestor = ancestor.parent
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary directory
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; the export is an ordinary directory
     try:
         yield tmp
         if output.exists():

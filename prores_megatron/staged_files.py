@@ -27,11 +27,19 @@ class OutputExistsError(ValueError):
     """An output cannot be (re)written."""
 
 
-def _writable_ancestor(path: Path) -> Path:
+def writable_ancestor(path: Path) -> Path:
+    """The nearest existing parent of ``path``: where creating it will need write access."""
     ancestor = path.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
     return ancestor
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it; set back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def check_outputs(paths, force: bool, flag: str):
@@ -45,7 +53,7 @@ def check_outputs(paths, force: bool, flag: str):
                 f"{flag}: {path} already exists; pass --force to replace it (it is replaced only "
                 "once the new output is complete), or choose another output prefix"
             )
-        ancestor = _writable_ancestor(path)
+        ancestor = writable_ancestor(path)
         if not ancestor.is_dir():
             raise OutputExistsError(f"{flag}: {ancestor} is not a directory, so {path} cannot be created")
         if not os.access(ancestor, os.W_OK | os.X_OK):
@@ -73,11 +81,9 @@ def staged_files(paths, force: bool, markers: int = 1):
             os.close(fd)
             tmp[path] = Path(name)
         yield dict(tmp)
+        mode = 0o666 & ~current_umask()  # mkstemp makes private files; outputs are ordinary files
         for t in tmp.values():
-            # mkstemp makes private files; outputs are ordinary files (respect the umask).
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(t, 0o666 & ~umask)
+            os.chmod(t, mode)
         if force:
             for marker in paths[len(paths) - markers:]:
                 if marker.exists() or marker.is_symlink():

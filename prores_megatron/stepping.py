@@ -32,6 +32,15 @@ def _chunks(model):
     return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
+def residual_scales(layer):
+    """[(field, module)]: the ProRes residuals a layer holds, from its residual-add fields."""
+    return [
+        (field, module)
+        for field in compat.BDA_FIELDS
+        if isinstance(module := getattr(layer, field, None), ProResBiasDropoutAdd)
+    ]
+
+
 def prores_layers(model):
     """[(layer, [ProResBiasDropoutAdd, ...])] for this rank's decoder layers, in build order.
 
@@ -40,7 +49,7 @@ def prores_layers(model):
     found = []
     for chunk in _chunks(model):
         for layer in compat.decoder_layers(chunk):
-            scales = [m for m in layer.modules() if isinstance(m, ProResBiasDropoutAdd)]
+            scales = [module for _, module in residual_scales(layer)]
             if not scales:
                 raise ValueError(
                     f"decoder layer {getattr(layer, 'layer_number', '?')} has no ProRes residual "
@@ -49,11 +58,6 @@ def prores_layers(model):
                 )
             found.append((layer, scales))
     return found
-
-
-def global_layer_numbers(model):
-    """This rank's global 1-based layer numbers, one list per model chunk."""
-    return [[layer.layer_number for layer in compat.decoder_layers(c)] for c in _chunks(model)]
 
 
 def _pp_group_of(model):
@@ -124,11 +128,15 @@ def set_prores_step(model, step: int, check_coverage: bool = True) -> None:
         check_prores_coverage(chunks)
         for chunk in chunks:
             chunk._prores_coverage_checked = True
-    for layer, scales in prores_layers(chunks):
-        L = layer.config.num_layers
-        for norm in (getattr(layer, "input_layernorm", None), getattr(layer, "pre_mlp_layernorm", None)):
-            if isinstance(norm, DepthScaledNorm) and norm.layer_number != layer.layer_number:
-                norm.bind_layer(layer.layer_number)
-        for scale in scales:
-            if scale.step != step:
-                scale.set_alpha(alpha(scale.schedule, layer.layer_number, step, scale.warmup_steps, L), step)
+    for chunk in chunks:
+        # The forward step calls this for every micro-batch: after the first, nothing to do.
+        if getattr(chunk, "_prores_step", None) == step:
+            continue
+        for layer, scales in prores_layers(chunk):
+            L = layer.config.num_layers
+            for norm in (getattr(layer, "input_layernorm", None), getattr(layer, "pre_mlp_layernorm", None)):
+                if isinstance(norm, DepthScaledNorm) and norm.layer_number != layer.layer_number:
+                    norm.bind_layer(layer.layer_number)
+            for scale in scales:
+                scale.set_alpha(alpha(scale.schedule, layer.layer_number, step, scale.warmup_steps, L))
+        chunk._prores_step = step

@@ -20,6 +20,7 @@ import os
 import warnings
 
 from .monitor import LayerMonitor, layer_grad_sq, summarize
+from .run_logs import MONITOR_FILE
 from .schedules import alpha_table
 
 
@@ -28,8 +29,8 @@ def monitor_path(args) -> str:
         return args.prores_monitor_file
     for directory in (args.save, args.tensorboard_dir):
         if directory:
-            return os.path.join(directory, "prores_monitor.jsonl")
-    return os.path.abspath("prores_monitor.jsonl")
+            return os.path.join(directory, MONITOR_FILE)
+    return os.path.abspath(MONITOR_FILE)
 
 
 class TrainingMonitor:
@@ -74,7 +75,11 @@ class TrainingMonitor:
 
         # Megatron's train() keeps a finalize function installed before it (0.19 behaviour).
         config.finalize_model_grads_func = finalize_then_measure
+        from .spike_score import SpikeConfig
+
         a = self.args
+        self.spike_config = SpikeConfig(window=a.prores_spike_window, threshold=a.prores_spike_threshold,
+                                        min_history=a.prores_spike_min_history)
         if self._is_writer():
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             self.logged = _logged_steps(self.path)  # a resumed run's history, for the spike score
@@ -83,8 +88,7 @@ class TrainingMonitor:
                 "kind": "run", "schedule": a.prores_schedule, "warmup_steps": a.prores_warmup_steps,
                 "num_layers": a.num_layers, "arch": a.prores_arch, "init": a.prores_init,
                 "train_iters": a.train_iters, "monitor_interval": self.interval,
-                "spike": {"window": a.prores_spike_window, "threshold": a.prores_spike_threshold,
-                          "min_history": a.prores_spike_min_history, "start": 0.1, "end": 0.9},
+                "spike": self.spike_config.as_dict(),
             })
         return model_chunks
 
@@ -125,11 +129,9 @@ class TrainingMonitor:
 
     def _start_spike_detectors(self, iteration):
         """Online spike detectors, fed the run's earlier iterations when this launch resumed."""
-        from .spike_score import OnlineSpikeDetector, SpikeConfig
+        from .spike_score import OnlineSpikeDetector
 
-        a = self.args
-        config = SpikeConfig(window=a.prores_spike_window, threshold=a.prores_spike_threshold,
-                             min_history=a.prores_spike_min_history)
+        a, config = self.args, self.spike_config
         earlier = [self.logged.get(i) for i in range(1, iteration)]
         first = 1 if all(r is not None for r in earlier) else iteration  # a gap: start afresh
         self.spikes = {k: OnlineSpikeDetector(a.train_iters, config, first_iteration=first)
