@@ -10,7 +10,7 @@ switch on within a few steps (the warmup then does nothing). Pure schedule math,
 from dataclasses import asdict, dataclass
 from typing import List, Optional
 
-from .schedules import layer_full_step, needs_warmup_steps, total_warmup_steps
+from .schedules import layer_full_step, needs_warmup_steps, warmup_steps_from_total
 
 MIN_USEFUL_WARMUP_STEPS = 10
 """Below this many steps per layer a layer goes from off to on within a few updates (the paper
@@ -38,17 +38,16 @@ def alpha_plan(schedule: str, warmup_steps: Optional[float], num_layers: int,
     all_on = None if any(s is None for s in full) else max(full)
     warnings = []
     if needs_warmup_steps(schedule):
-        end = total_warmup_steps(schedule, warmup_steps, L)
+        end = all_on  # a time-dependent schedule turns every layer fully on at some step
         # Steps t = 0 .. train_iters-1 run; a layer whose alpha first hits 1 at t >= train_iters
         # never trains fully on.
-        if train_iters and end >= train_iters:
-            late = [l for l, s in enumerate(full, start=1) if s >= train_iters]
-            per_t = end / warmup_steps  # the warmup lasts per_t * T steps (L, or 1 for 'equal')
+        late = [l for l, s in enumerate(full, start=1) if train_iters and s >= train_iters]
+        if late:
             warnings.append(
                 f"ProRes warmup ends at step {end:g} but --train-iters is {train_iters}: "
                 f"{len(late)} of {L} layers never reach alpha = 1 (layers {late[0]}..{late[-1]} "
                 f"under '{schedule}'); lower --prores-warmup-steps below "
-                f"{train_iters / per_t:g} or train longer"
+                f"{warmup_steps_from_total(schedule, train_iters, L):g} or train longer"
             )
         if warmup_steps < MIN_USEFUL_WARMUP_STEPS:
             warnings.append(

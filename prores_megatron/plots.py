@@ -189,7 +189,9 @@ def layer_profiles(path, panels: List[Tuple[str, np.ndarray, np.ndarray]], title
         layers = np.arange(1, values.shape[1] + 1)
         for colour, j in zip(colours, picks):
             ax.plot(layers, values[j], "o-", color=colour, markersize=3, label=f"iteration {int(iterations[j])}")
-        _maybe_log(ax, [values], logy)
+        if logy:  # the caller chose the scale for all runs (and said so in ylabel)
+            ax.set_yscale("log")
+            _plain_log_ticks(ax.yaxis)
         ax.set_title(label)
         ax.set_xlabel("layer l (1 = next to the embedding)")
         ax.set_ylabel(ylabel)
