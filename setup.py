@@ -6,6 +6,7 @@ setup(
     name="prores-megatron",
     version="0.1.0",
     description="Progressive Residual Warmup (ProRes) for megatron-core and Megatron-LM pretraining",
+    license="Apache-2.0",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["prores_megatron", "prores_megatron.*"]),
@@ -20,11 +21,11 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "prores-megatron-pretrain=prores_megatron.pretrain_gpt:main",
-            "prores-megatron-convert-to-hf=prores_megatron.convert_to_hf:main",
-            "prores-megatron-train-tokenizer=prores_megatron.tokenizer_training:main",
-            "prores-megatron-preprocess-data=prores_megatron.indexed_data:main",
-            "prores-megatron=prores_megatron.cli:main",
+            "prores-megatron-pretrain=prores_megatron.training.pretrain_gpt:main",
+            "prores-megatron-convert-to-hf=prores_megatron.export.convert_to_hf:main",
+            "prores-megatron-train-tokenizer=prores_megatron.data.tokenizer_training:main",
+            "prores-megatron-preprocess-data=prores_megatron.data.indexed_data:main",
+            "prores-megatron=prores_megatron.analysis.cli:main",
         ]
     },
 )

@@ -8,7 +8,7 @@ interleaved A/B/A/B so drift hits both equally. Prints medians and the ratio Pro
 Memory: on CUDA, peak allocated bytes per step; on CPU (no allocator statistics), the bytes autograd
 keeps for backward (the activation memory), counted with saved-tensor hooks.
 Targets (issue 7): step time <= 1.005x, memory <= 1.001x. Also the depth monitor's cost: the ProRes
-model's step with ``prores_megatron.monitor`` disarmed (an off-interval iteration) and armed (a
+model's step with ``prores_megatron.monitoring.layer_stats`` disarmed (an off-interval iteration) and armed (a
 monitoring iteration, statistics accumulated in every residual), against the same model's plain step.
 
     python benchmarks/bench_overhead.py [--layers 32 --hidden 256 --seq 256 --batch 8 --steps 30]
@@ -97,7 +97,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=30, help="timed steps per model (after 3 warm-up steps)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    from prores_megatron.checkpoint_model import init_world1
+    from prores_megatron.analysis.model_from_checkpoint import init_world1
 
     init_world1("cuda" if torch.cuda.is_available() else "cpu", seed=1)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -107,7 +107,7 @@ def main(argv=None):
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)
     labels = torch.roll(tokens, -1, dims=1)
     positions = torch.arange(args.seq, device=device).expand(args.batch, args.seq)
-    from prores_megatron.monitor import LayerMonitor
+    from prores_megatron.monitoring.layer_stats import LayerMonitor
 
     monitor = LayerMonitor(models["linear"])
     times = {name: [] for name in (*models, "monitored")}

@@ -2,31 +2,26 @@
 
 Public API (the Megatron-backed names import megatron-core on first use, so the pure schedule
 math works without it):
-    alpha, alpha_table, SCHEDULES                   - the schedules (prores_megatron.schedules)
-    get_prores_layer_spec, with_prores              - layer specs with ProRes plugged in
-    set_prores_step, check_prores_coverage          - write alpha(l, t) into a built model
+    alpha, alpha_table, SCHEDULES, canonical_schedule - the schedules (prores_megatron.core.schedules)
+    get_prores_layer_spec, with_prores                - layer specs with ProRes plugged in
+    set_prores_step, check_prores_coverage            - write alpha(l, t) into a built model
     ProResBiasDropoutAdd, ProResCoverageError
+
+Subpackages, each importing only those before it: utils, core (the method), monitoring, training
+(Megatron-LM glue), checkpoint, export (Hugging Face), analysis (the ``prores-megatron`` command),
+data. See docs/README.md.
 """
 
-from .schedules import SCHEDULES, alpha, alpha_table, canonical_schedule
+from .utils.lazy_api import lazy_api
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "get_prores_layer_spec": "spec",
-    "with_prores": "spec",
-    "set_prores_step": "stepping",
-    "check_prores_coverage": "stepping",
-    "ProResCoverageError": "stepping",
-    "ProResBiasDropoutAdd": "residual_scale",
+_EXPORTS = {
+    **{name: "core.schedules" for name in ("SCHEDULES", "alpha", "alpha_table", "canonical_schedule")},
+    **{name: "core.layer_spec" for name in ("get_prores_layer_spec", "with_prores")},
+    **{name: "core.stepping" for name in ("set_prores_step", "check_prores_coverage", "ProResCoverageError")},
+    "ProResBiasDropoutAdd": "core.residual_scale",
 }
 
-__all__ = ["SCHEDULES", "alpha", "alpha_table", "canonical_schedule", *_LAZY]
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'prores_megatron' has no attribute {name!r}")
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_api(__name__, _EXPORTS)

@@ -18,11 +18,19 @@ def mcore_world1():
     """Initialise torch.distributed (gloo, world 1) and megatron-core's parallel state once."""
     from megatron.core import parallel_state
 
-    from prores_megatron.checkpoint_model import init_world1
+    from prores_megatron.analysis.model_from_checkpoint import init_world1
 
     init_world1("cpu", seed=1234)
     torch.set_num_threads(1)
     yield parallel_state
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """Four real Megatron-LM checkpoints (megatron_checkpoints.py), trained once per session."""
+    from megatron_checkpoints import train_all
+
+    return train_all(tmp_path_factory.mktemp("megatron_checkpoints"))
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +42,7 @@ def short_demo(tmp_path_factory):
     import sys
     from pathlib import Path
 
-    from prores_megatron.corpus import fetch_demo_corpus
+    from prores_megatron.data.demo_corpus import fetch_demo_corpus
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path_factory.mktemp("short_demo")

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from prores_megatron.cpu_shim import install_cpu_shim  # noqa: E402
+from prores_megatron.training.cpu_shim import install_cpu_shim  # noqa: E402
 
 SCHEMES = ["megatron", "plain", "scaled", "ds", "deepnorm"]
 
@@ -45,9 +45,10 @@ def main():
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from models import gpt_model, llama_config
     from prores_megatron import get_prores_layer_spec
-    from prores_megatron.init_schemes import apply_init
+    from prores_megatron.core.init_schemes import apply_init
+
+    from models import gpt_model, llama_config
 
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")

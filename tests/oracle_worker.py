@@ -1,4 +1,4 @@
-"""torchrun worker for the deterministic cross-layout oracle (docs/megatron_notes.md §5).
+"""torchrun worker for the deterministic cross-layout oracle (docs/megatron.md §5).
 
 One process per rank runs a list of parallel configs one after the other (model-parallel groups are
 re-initialised between configs). For every config it builds a tiny Llama-style GPTModel (RMSNorm,
@@ -35,10 +35,9 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)  # prores_megatron, when run as a script by torchrun
 
-from prores_megatron.cpu_shim import install_cpu_shim  # noqa: E402
+from prores_megatron.training.cpu_shim import install_cpu_shim  # noqa: E402
 
-
-# Model / data constants (docs/megatron_notes.md §5 oracle model, plus SwiGLU + GQA).
+# Model / data constants (docs/megatron.md §5 oracle model, plus SwiGLU + GQA).
 NUM_LAYERS = 8
 HIDDEN = 64
 FFN = 128
@@ -232,8 +231,8 @@ def collect_grads(chunks):
 
 
 def collect_alphas(chunks):
-    from prores_megatron.residual_scale import ProResBiasDropoutAdd
-    from prores_megatron.compat import decoder_layers
+    from prores_megatron.core.compat import decoder_layers
+    from prores_megatron.core.residual_scale import ProResBiasDropoutAdd
 
     alphas = {}
     for chunk in chunks:
@@ -294,14 +293,14 @@ def aggregate(per_rank, tp_size):
 
 
 def run_monitor_case(cfg, config, batches, specs, tp, rank, world_size):
-    """The linear case (t=4) once more with prores_megatron.monitor armed; at world size 1 also a
+    """The linear case (t=4) once more with prores_megatron.monitoring.layer_stats armed; at world size 1 also a
     direct computation of the same statistics from forward hooks on the attention, MLP and layer
     modules (independent of the residual modules' recorders) and from p.grad."""
     from megatron.core import parallel_state as ps
 
     from prores_megatron import set_prores_step
-    from prores_megatron.compat import decoder_layers
-    from prores_megatron.monitor import LayerMonitor, layer_grad_sq
+    from prores_megatron.core.compat import decoder_layers
+    from prores_megatron.monitoring.layer_stats import LayerMonitor, layer_grad_sq
 
     chunks = build_chunks(config, specs["linear"]())
     set_deterministic_weights(chunks, tp, ps.get_tensor_model_parallel_rank())

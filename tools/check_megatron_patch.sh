@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Check patches/ against a Megatron-LM checkout on CPU: apply the patch to a scratch copy, train the
 # patched pretrain_gpt.py a few iterations (gloo) and require the same loss, bit for bit, at every
-# iteration as `python -m prores_megatron.pretrain_gpt` with the same flags, and a different one
+# iteration as `python -m prores_megatron.training.pretrain_gpt` with the same flags, and a different one
 # with --prores-schedule none (ProRes is really on). Usage:
 #   bash tools/check_megatron_patch.sh /path/to/Megatron-LM      (branch core_r0.19.0)
 #   PP=2 ... runs the pipeline-parallel variant; EXTRA_ARGS adds flags to both runs.
@@ -68,10 +68,10 @@ launch() {  # launch NAME ENTRY... -- FLAGS...: train, keep the log, print the p
 }
 PRORES=(--prores-schedule linear --prores-warmup-steps 1)
 patched=$(launch patched pretrain_gpt.py -- "${FLAGS[@]}" "${PRORES[@]}" "${EXTRA[@]}")
-entry=$(cd "$ROOT" && launch entry -m prores_megatron.pretrain_gpt -- "${FLAGS[@]}" "${PRORES[@]}" "${EXTRA[@]}")
+entry=$(cd "$ROOT" && launch entry -m prores_megatron.training.pretrain_gpt -- "${FLAGS[@]}" "${PRORES[@]}" "${EXTRA[@]}")
 plain=$(launch plain pretrain_gpt.py -- "${FLAGS[@]}" --prores-schedule none "${EXTRA[@]}")
 grep -q "ProRes: " "$SCRATCH/patched.log" || { echo "FAIL: the patched script did not log its ProRes settings" >&2; exit 1; }
-echo "iteration / lm loss  patched Megatron-LM | prores_megatron.pretrain_gpt | patched, --prores-schedule none"
+echo "iteration / lm loss  patched Megatron-LM | prores_megatron.training.pretrain_gpt | patched, --prores-schedule none"
 paste <(echo "$patched") <(echo "$entry" | cut -d' ' -f2) <(echo "$plain" | cut -d' ' -f2)
 [[ $(echo "$patched" | wc -l) -eq $ITERS ]] || { echo "FAIL: expected $ITERS logged iterations" >&2; exit 1; }
 [[ "$patched" == "$entry" ]] || { echo "FAIL: the patched script and the entry point disagree" >&2; exit 1; }

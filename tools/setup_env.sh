@@ -9,7 +9,7 @@ set -euo pipefail
 PRORES_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # The stack is pinned exactly: a torch range would pull a different multi-GB CUDA build.
 PRORES_STACK=(torch==2.11.0 "megatron-core[training]==0.19.2")
-PRORES_EXTRA=(pytest==9.2.0 tensorboard safetensors sentencepiece transformers matplotlib "lm-eval[hf]==0.4.13")
+PRORES_EXTRA=(pytest==9.2.0 ruff==0.17.5 tensorboard safetensors sentencepiece transformers matplotlib "lm-eval[hf]==0.4.13")
 PRORES_STAMP="py3.12-torch2.11.0-mcore0.19.2"
 PRORES_VENV="${PRORES_VENV:-$HOME/.cache/prores-megatron/venv-$PRORES_STAMP}"
 

@@ -24,17 +24,17 @@ cd "$ROOT"
 
 say "1/6 corpus"
 if [[ -z "${CORPUS:-}" ]]; then
-    CORPUS=$("$PYTHON" -m prores_megatron.corpus)
+    CORPUS=$("$PYTHON" -m prores_megatron.data.demo_corpus)
 fi
 echo "text: $CORPUS"
 if [[ ! -f "$DATA/tok.model" ]]; then
     say "2/6 SentencePiece tokenizer (vocab $VOCAB)"
-    "$PYTHON" -m prores_megatron.tokenizer_training --input "$CORPUS" --json-keys text \
+    "$PYTHON" -m prores_megatron.data.tokenizer_training --input "$CORPUS" --json-keys text \
         --output-prefix "$DATA/tok" --vocab-size "$VOCAB"
 fi
 if [[ ! -f "$DATA/demo_text_document.idx" ]]; then
     say "3/6 Megatron indexed dataset"
-    "$PYTHON" -m prores_megatron.indexed_data --input "$CORPUS" --json-keys text \
+    "$PYTHON" -m prores_megatron.data.indexed_data --input "$CORPUS" --json-keys text \
         --output-prefix "$DATA/demo" --tokenizer-type GPTSentencePieceTokenizer \
         --tokenizer-model "$DATA/tok.model" --append-eod --workers 2
 fi
@@ -68,7 +68,7 @@ train() {  # train NAME PRORES-FLAGS...
     fi
     rm -rf "$dir"; mkdir -p "$dir"
     "$PYTHON" -m torch.distributed.run --nproc_per_node $((TP * PP)) --nnodes 1 \
-        --master_addr 127.0.0.1 --master_port $((20000 + RANDOM % 20000)) -m prores_megatron.pretrain_gpt \
+        --master_addr 127.0.0.1 --master_port $((20000 + RANDOM % 20000)) -m prores_megatron.training.pretrain_gpt \
         "${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${CPU_ARGS[@]}" "${DATA_ARGS[@]}" \
         --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
         --log-interval 10 --eval-interval "$EVAL_INTERVAL" --eval-iters 10 \
@@ -90,12 +90,12 @@ for name in prores baseline; do printf '%-9s validation loss: %s\n' "$name" "$(v
 if [[ -n "${TRAIN_ONLY:-}" ]]; then say "done (TRAIN_ONLY): $DEMO_DIR/summary.txt"; exit 0; fi
 
 say "5/6 Hugging Face export of the ProRes model, and text from transformers"
-"$PYTHON" -m prores_megatron.convert_to_hf "$DEMO_DIR/prores/ckpt" "$DEMO_DIR/hf" --force \
+"$PYTHON" -m prores_megatron.export.convert_to_hf "$DEMO_DIR/prores/ckpt" "$DEMO_DIR/hf" --force \
     --dtype float32 --tokenizer-model "$DATA/tok.model"
 "$PYTHON" tools/generate_hf.py "$DEMO_DIR/hf" --max-new-tokens 30 | tee "$DEMO_DIR/generated.txt"
 
 say "6/6 report"
-"$PYTHON" -m prores_megatron.cli report --run "prores=$DEMO_DIR/prores" --run "baseline=$DEMO_DIR/baseline" \
+"$PYTHON" -m prores_megatron.analysis.cli report --run "prores=$DEMO_DIR/prores" --run "baseline=$DEMO_DIR/baseline" \
     --out "$DEMO_DIR/report" --title "ProRes vs baseline: $NUM_LAYERS-layer Llama on the demo corpus (CPU)" \
     --spike-window 100 --spike-min-history 20
 cat "$DEMO_DIR/summary.txt"

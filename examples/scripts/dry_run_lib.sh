@@ -1,5 +1,5 @@
 # Sourced by the launch scripts. `prores_dry_run [--dry-run-* flags] -- <Megatron-LM + ProRes flags>`
-# replaces the shell with `python -m prores_megatron.dry_run` for this node's torchrun geometry
+# replaces the shell with `python -m prores_megatron.training.dry_run` for this node's torchrun geometry
 # (NNODES, GPUS_PER_NODE, NODE_RANK, MASTER_ADDR, MASTER_PORT must be set) plus the user's
 # DRY_RUN_ARGS (e.g. --json). It never returns. Interpreter: $PYTHON, else the project environment.
 prores_dry_run() {
@@ -12,7 +12,7 @@ prores_dry_run() {
     fi
     read -r -a user <<< "${DRY_RUN_ARGS:-}"
     cd "$ROOT"  # so `-m prores_megatron` resolves even with an interpreter that lacks the package
-    exec "$PYTHON" -m prores_megatron.dry_run \
+    exec "$PYTHON" -m prores_megatron.training.dry_run \
         --dry-run-nnodes "$NNODES" --dry-run-nproc-per-node "$GPUS_PER_NODE" \
         --dry-run-node-rank "$NODE_RANK" --dry-run-master-addr "$MASTER_ADDR" \
         --dry-run-master-port "$MASTER_PORT" "${dry[@]}" "${user[@]}" "$@"

@@ -124,4 +124,4 @@ if [[ "$MOCK" != 1 && ! -f "$TOKENIZER_MODEL" ]]; then
     exit 2
 fi
 mkdir -p "$CHECKPOINT_PATH" "$TENSORBOARD_LOGS_PATH"
-exec torchrun "${DISTRIBUTED_ARGS[@]}" -m prores_megatron.pretrain_gpt "${ALL_ARGS[@]}"
+exec torchrun "${DISTRIBUTED_ARGS[@]}" -m prores_megatron.training.pretrain_gpt "${ALL_ARGS[@]}"

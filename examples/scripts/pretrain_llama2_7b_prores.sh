@@ -7,7 +7,7 @@
 #   DRY_RUN=1 bash examples/scripts/pretrain_llama2_7b_prores.sh
 # checks everything without a GPU: Megatron-LM's and ProRes's argument validation for this world
 # size, the layer -> pipeline stage table, the alpha plan, the parameter count, and the exact
-# torchrun command (python -m prores_megatron.dry_run; DRY_RUN_ARGS=--json for machine output).
+# torchrun command (python -m prores_megatron.training.dry_run; DRY_RUN_ARGS=--json for machine output).
 #
 # Environment (positional arguments 1-4 override the paths, Megatron-LM example style):
 #   NNODES, NODE_RANK, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT   torchrun rendezvous (8, 0, 8, localhost, 6000)
@@ -113,4 +113,4 @@ if [[ "$MOCK" != 1 && ! -f "$TOKENIZER_MODEL" ]]; then
     exit 2
 fi
 mkdir -p "$CHECKPOINT_PATH" "$TENSORBOARD_LOGS_PATH"
-exec torchrun "${DISTRIBUTED_ARGS[@]}" -m prores_megatron.pretrain_gpt "${ALL_ARGS[@]}"
+exec torchrun "${DISTRIBUTED_ARGS[@]}" -m prores_megatron.training.pretrain_gpt "${ALL_ARGS[@]}"

@@ -8,7 +8,7 @@
 #   EXTRA_ARGS      anything else, appended last (it wins)
 #   PYTHON          interpreter (default: the project environment, built on first use)
 #   DRY_RUN=1       validate and print the layout, alpha plan, parameter count and command instead
-#                   (python -m prores_megatron.dry_run; DRY_RUN_ARGS=--json for machine output)
+#                   (python -m prores_megatron.training.dry_run; DRY_RUN_ARGS=--json for machine output)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
@@ -39,7 +39,7 @@ TRAINING_ARGS=(
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --seed 1234
 )
 MODEL_PARALLEL_ARGS=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP")
-# CPU: gloo, the local (torch) spec, and no CUDA-only fusions (megatron_notes §4).
+# CPU: gloo, the local (torch) spec, and no CUDA-only fusions (docs/megatron.md §4).
 CPU_ARGS=(
     --distributed-backend gloo --transformer-impl local --use-cpu-initialization
     --no-rope-fusion --no-persist-layer-norm --no-gradient-accumulation-fusion
@@ -64,4 +64,4 @@ if [[ "${DRY_RUN:-0}" == 1 ]]; then
     source "$ROOT/examples/scripts/dry_run_lib.sh"
     prores_dry_run --dry-run-launcher "$(printf '%q ' "$PYTHON" -m torch.distributed.run)" -- "${ALL_ARGS[@]}"
 fi
-exec "$PYTHON" -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" -m prores_megatron.pretrain_gpt "${ALL_ARGS[@]}"
+exec "$PYTHON" -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" -m prores_megatron.training.pretrain_gpt "${ALL_ARGS[@]}"

@@ -1,0 +1,79 @@
+"""Command line for the Hugging Face export: ``prores-megatron-convert-to-hf CHECKPOINT OUTPUT [flags]``
+(also ``python tools/convert_to_hf.py``).
+
+Contract: parses flags, calls ``hf_export.export_to_hf`` and maps its refusals to exit status 2
+with a one-line ``error:`` message (naming the flag or file); Ctrl-C or SIGTERM exit 130/143 after
+the export has removed its temporary directory. All the work and every check live in ``hf_export``.
+"""
+
+import argparse
+import signal
+import sys
+import warnings
+
+from ..core.depth_scaling import ARCHS  # all five are accepted: the non-exportable ones get a reason
+from ..core.schedules import SCHEDULES
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="prores-megatron-convert-to-hf",
+        description="Export a Megatron GPT checkpoint (ProRes or plain; torch_dist or legacy torch, "
+        "any TP/PP/VPP layout) as a Hugging Face Llama directory, folding the ProRes alpha of "
+        "the checkpoint's step into the weights so the HF model computes what Megatron computed.",
+    )
+    p.add_argument("checkpoint", help="Megatron save directory (with latest_checkpointed_iteration.txt) or one iter_* directory")
+    p.add_argument("output", help="directory to create (refused if it exists, unless --force)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "bf16", "float32", "fp32", "float16", "fp16"),
+                   help="weight dtype of the export (default bfloat16); folding is done in fp32, rounded once")
+    p.add_argument("--tokenizer-model", help="SentencePiece .model of the run: written as HF tokenizer files, and it sets the true vocabulary size")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory (only once the new export is complete)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
+    o = p.add_argument_group("overrides (default: the checkpoint's saved arguments; a disagreement is reported)")
+    o.add_argument("--vocab-size", type=int, help="true vocabulary size V (rows beyond V are padding and dropped)")
+    o.add_argument("--prores-schedule", help=f"alpha schedule: {', '.join(SCHEDULES)}")
+    o.add_argument("--prores-warmup-steps", type=float, help="per-layer warmup T")
+    o.add_argument("--prores-arch", choices=ARCHS, help="residual architecture (only pre and lns are exportable)")
+    o.add_argument("--step", type=int, help="optimizer step t whose alpha is folded in (default: the checkpoint's "
+                   "iteration, i.e. the next training step; Megatron's eval at that checkpoint used iteration-1)")
+    p.add_argument("--quiet", action="store_true", help="no per-layer progress")
+    return p
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so the temporary output is removed
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    # megatron-core is imported only for its pickle allow-list; its "no TE/Apex kernels" warnings
+    # say nothing about an export, which runs no fused kernel.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    from ..checkpoint.base import CheckpointError
+    from .exporter import ExportError, export_to_hf
+
+    overrides = {"vocab_size": args.vocab_size, "prores_schedule": args.prores_schedule,
+                 "prores_warmup_steps": args.prores_warmup_steps, "prores_arch": args.prores_arch,
+                 "step": args.step}
+    previous = signal.signal(signal.SIGTERM, _terminate)
+
+    def log(message):
+        if not (args.quiet and message.startswith("layer ")):
+            print(message, file=sys.stderr, flush=True)
+
+    try:
+        export_to_hf(args.checkpoint, args.output, dtype=args.dtype, tokenizer_model=args.tokenizer_model,
+                     overrides=overrides, force=args.force, max_shard_size=args.max_shard_size, log=log)
+    except (ExportError, CheckpointError) as err:
+        print(f"prores-megatron-convert-to-hf: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("prores-megatron-convert-to-hf: interrupted; no output was written", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

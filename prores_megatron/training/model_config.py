@@ -1,0 +1,104 @@
+"""ProRes in a Megatron-LM (0.19) GPT pretraining script: the pieces every entry point shares.
+
+Contract: ``configure_model_config(model_cfg, args)`` takes the ``GPTModelConfig`` that
+``gpt_config_from_args`` made and the parsed+validated args (``add_prores_args`` /
+``validate_prores_args``), and plugs ProRes in: the layer spec (a callable, so every virtual-pipeline
+chunk gets a fresh copy), the ``--prores-init`` re-draw (a pre-wrap hook, before DDP and the
+bf16/fp16 wrapper) and the coverage guard (a post-wrap hook: collective, while every rank is in
+step). Together with ``set_prores_step(model, args.curr_iteration)`` at the top of the forward step
+this is the whole integration; ``prores_megatron.training.pretrain_gpt`` and the patch in ``patches/`` both
+use it. ``attach_monitor`` adds the optional ``--prores-monitor-interval`` monitor.
+Imports ``megatron.training`` lazily (inside functions), after the CPU shim.
+"""
+
+
+def prores_layer_spec_fn(args):
+    """The callable GPTModelConfig.transformer_layer_spec: a fresh ProRes spec per chunk."""
+    from ..core.layer_spec import get_prores_layer_spec
+
+    def layer_spec(model_config, vp_stage=None):
+        t = model_config.transformer
+        return get_prores_layer_spec(
+            transformer_impl=t.transformer_impl,
+            schedule=args.prores_schedule,
+            warmup_steps=args.prores_warmup_steps,
+            arch=args.prores_arch,
+            config=t,
+            normalization=t.normalization,
+            qk_layernorm=t.qk_layernorm,
+            num_experts=t.num_moe_experts,
+            moe_grouped_gemm=t.moe_grouped_gemm,
+        )
+
+    return layer_spec
+
+
+def init_hook(args):
+    """pre_wrap_hook: re-draw the weights for --prores-init (before DDP and the fp16/bf16 wrapper)."""
+    from ..core.init_schemes import apply_init
+
+    def hook(model_chunks):
+        from megatron.training import print_rank_0
+
+        apply_init(model_chunks, args.prores_init, sigma=args.init_method_std, seed=args.seed)
+        if args.prores_init != "megatron":
+            print_rank_0(f"ProRes: weights initialised with --prores-init {args.prores_init} "
+                         f"(sigma {args.init_method_std:g})")
+        return model_chunks
+
+    return hook
+
+
+def coverage_hook(args):
+    """post_wrap_hook: the collective coverage guard, once, while every rank is in step."""
+    from ..core.stepping import set_prores_step
+
+    def hook(model_chunks):
+        from megatron.training import print_rank_0
+
+        set_prores_step(model_chunks, 0)  # raises on every rank unless layers 1..L are all built
+        print_rank_0(
+            f"ProRes coverage check passed: global layers 1..{args.num_layers} each built once "
+            f"across {args.pipeline_model_parallel_size} pipeline stage(s)"
+        )
+        return model_chunks
+
+    return hook
+
+
+def configure_model_config(model_cfg, args):
+    """Plug ProRes into ``model_cfg`` (see module docstring); returns it."""
+    model_cfg.transformer_layer_spec = prores_layer_spec_fn(args)
+    model_cfg.pre_wrap_hooks = [*model_cfg.pre_wrap_hooks, init_hook(args)]
+    model_cfg.post_wrap_hooks = [*model_cfg.post_wrap_hooks, coverage_hook(args)]
+    return model_cfg
+
+
+def attach_monitor(model_cfg, args):
+    """The ``--prores-monitor-interval`` monitor (None when 0); call its ``before_forward(step,
+    model.training)`` from the forward step."""
+    if args.prores_monitor_interval <= 0:
+        return None
+    from .training_monitor import TrainingMonitor
+
+    monitor = TrainingMonitor(args)
+    model_cfg.post_wrap_hooks = [*model_cfg.post_wrap_hooks, monitor.attach]
+    _wrap_training_log(monitor)
+    return monitor
+
+
+def _wrap_training_log(monitor):
+    """Megatron-LM 0.19 has no per-iteration callback; training_log sees every iteration's loss
+    and grad norm, and train() looks it up as a module global, so wrapping it reaches the loop."""
+    from megatron.training import training
+
+    inner = training.training_log
+
+    def training_log(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
+                     report_memory_flag, skipped_iter, grad_norm, *args, **kwargs):
+        out = inner(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
+                    report_memory_flag, skipped_iter, grad_norm, *args, **kwargs)
+        monitor.on_training_log(loss_dict, learning_rate, iteration, grad_norm, skipped_iter)
+        return out
+
+    training.training_log = training_log

@@ -1,0 +1,166 @@
+"""Megatron-LM GPT/Llama pretraining with ProRes: ``python -m prores_megatron.training.pretrain_gpt <flags>``.
+
+Contract: takes every Megatron-LM ``pretrain_gpt.py`` flag plus the ``--prores-*`` flags, and runs
+Megatron-LM's own ``pretrain()`` loop (megatron-core 0.19 calling convention) with the ProRes layer
+spec. alpha is set from ``args.curr_iteration`` (completed optimizer steps, restored from the
+checkpoint on resume) at the top of every forward step, so recompute, micro-batches and every rank
+see the same value; the coverage guard runs once, collectively, right after the model is built.
+Data: ``--data-path`` indexed datasets or ``--mock-data``. On a machine without CUDA the CPU shim is
+installed first (gloo; see ``cpu_shim``); ``megatron.training`` is imported inside functions, after it.
+"""
+
+import sys
+from functools import partial
+
+import torch
+
+from .arguments import ProResArgumentError, add_prores_args, describe_prores_args, validate_prores_args
+from .model_config import attach_monitor, configure_model_config
+
+
+def get_batch(data_iterator, vp_stage=None):
+    """This micro-batch's tensors; stages without embedding or loss need none.
+
+    Every tensor-parallel rank of the first/last stage reads the same sample from its own loader
+    (the dataset is built on every TP rank), so no broadcast is needed.
+    """
+    from megatron.core import parallel_state
+    from megatron.training.utils import is_first_or_last_pipeline_stage
+
+    if not is_first_or_last_pipeline_stage(vp_stage):
+        return None, None, None, None, None
+    batch = next(data_iterator)
+    if parallel_state.get_context_parallel_world_size() > 1:
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
+        batch = get_batch_on_this_cp_rank(batch, is_hybrid_cp=False)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    out = []
+    for key in ("tokens", "labels", "loss_mask", "attention_mask", "position_ids"):
+        value = batch.get(key)
+        out.append(value.to(device, non_blocking=True) if value is not None else None)
+    return out
+
+
+def loss_func(loss_mask, output_tensor):
+    from megatron.core.rerun_state_machine import get_rerun_state_machine
+    from megatron.training import get_args
+
+    args = get_args()
+    losses = output_tensor.view(-1).float()
+    loss_mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * loss_mask)
+    num_tokens = loss_mask.sum().clone().detach().to(torch.int)
+    if args.check_for_nan_in_loss_and_grad:
+        rerun = get_rerun_state_machine()
+        for bad, what in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
+            rerun.validate_result(
+                result=loss,
+                rejection_func=bad,
+                message=f"found {what} in local forward loss calculation",
+                tolerance=0.0,
+                fatal=True,
+            )
+    report = {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
+    return loss, num_tokens, report
+
+
+def make_forward_step(args, monitor=None):
+    from ..core.stepping import set_prores_step
+    from .training_monitor import AlphaLogger
+
+    log_alpha = AlphaLogger(args)
+
+    def forward_step(data_iterator, model):
+        from megatron.core.utils import get_attr_wrapped_model
+        from megatron.training import get_args, get_timers
+
+        step = get_args().curr_iteration  # completed optimizer steps; resume-safe
+        # Per micro-batch and chunk, but a no-op after the first: alpha changes only between steps.
+        set_prores_step(model, step, check_coverage=False)
+        if model.training:
+            log_alpha(step)
+        if monitor is not None:
+            monitor.before_forward(step, model.training)
+        timers = get_timers()
+        timers("batch-generator", log_level=2).start()
+        vp_stage = get_attr_wrapped_model(model, "vp_stage")
+        tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, vp_stage)
+        timers("batch-generator").stop()
+        output = model(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
+        return output, partial(loss_func, loss_mask)
+
+    return forward_step
+
+
+def gpt_dataset_config(args):
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+    from megatron.training import get_tokenizer
+    from megatron.training.utils import get_blend_and_blend_per_split
+
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    return GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=blend,
+        blend_per_split=blend_per_split,
+        split=args.split,
+        path_to_cache=args.data_cache_path,
+        mmap_bin_files=args.mmap_bin_files,
+        tokenizer=get_tokenizer(),
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=args.create_attention_mask_in_dataloader,
+        num_dataset_builder_threads=args.num_dataset_builder_threads,
+    )
+
+
+def datasets_provider(train_val_test_num_samples, vp_stage=None):
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
+    from megatron.training import get_args, print_rank_0
+    from megatron.training.utils import is_first_or_last_pipeline_stage
+
+    args = get_args()
+    kind = MockGPTDataset if args.mock_data else GPTDataset
+    print_rank_0(f"> building {kind.__name__} train/valid/test splits ...")
+    return BlendedMegatronDatasetBuilder(
+        kind,
+        train_val_test_num_samples,
+        lambda: is_first_or_last_pipeline_stage(vp_stage),
+        gpt_dataset_config(args),
+    ).build()
+
+
+datasets_provider.is_distributed = True  # every rank builds its own loader; see get_batch
+
+
+def main(argv=None):
+    from .cpu_shim import install_cpu_shim
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    install_cpu_shim()  # no-op with CUDA; must precede every megatron import
+
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain, print_rank_0
+    from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+
+    args = parse_and_validate_args(extra_args_provider=add_prores_args)
+    try:
+        validate_prores_args(args)
+    except ProResArgumentError as err:
+        print(f"prores_megatron.training.pretrain_gpt: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    print_rank_0(describe_prores_args(args))
+
+    model_cfg = configure_model_config(gpt_config_from_args(args), args)
+    monitor = attach_monitor(model_cfg, args)
+    cfg = pretrain_cfg_container_from_args(args, model_cfg)
+    pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, make_forward_step(args, monitor))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""--prores-init schemes: per-weight statistics on a 24-layer model, and TP2 == TP1 sliced."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import gpt_model, llama_config
+
+L, H, HEADS, GROUPS, FFN, SIGMA = 24, 128, 4, 2, 256, 0.02
+TRUNC = 0.98658  # std of N(0, 1) truncated at +-3
+
+
+def build(scheme, arch="pre"):
+    from prores_megatron import get_prores_layer_spec
+    from prores_megatron.core.init_schemes import apply_init
+
+    torch.manual_seed(0)
+    cfg = llama_config(num_layers=L, hidden=H, heads=HEADS, groups=GROUPS, ffn=FFN, init_method_std=SIGMA)
+    spec = get_prores_layer_spec("local", warmup_steps=1.0, arch=arch, config=cfg)
+    model = gpt_model(cfg, spec, vocab=512, seq=16)
+    apply_init(model, scheme, sigma=SIGMA, seed=3)
+    return model
+
+
+def close(w, std, name):
+    """Sample std within 6 standard errors (1/sqrt(2n) relative) of the formula."""
+    tol = 6 / math.sqrt(2 * w.numel())
+    got = w.float().std().item()
+    assert abs(got / std - 1) < tol, f"{name}: std {got:.6g} vs {std:.6g} (tol {tol:.3%})"
+
+
+@pytest.mark.usefixtures("mcore_world1")
+@pytest.mark.parametrize("scheme", ["megatron", "plain", "scaled", "ds"])
+def test_normal_family_statistics(scheme):
+    model = build(scheme)
+    trunc = 1.0 if scheme == "megatron" else TRUNC
+    out_std = {
+        "megatron": lambda l: SIGMA / math.sqrt(2 * L),
+        "plain": lambda l: SIGMA,
+        "scaled": lambda l: SIGMA / math.sqrt(2 * L),
+        "ds": lambda l: SIGMA / math.sqrt(2 * l),
+    }[scheme]
+    close(model.embedding.word_embeddings.weight, SIGMA * trunc, "embedding")
+    close(model.output_layer.weight, SIGMA * trunc, "output_layer")
+    for layer in model.decoder.layers:
+        l = layer.layer_number
+        for name, p in layer.named_parameters():
+            if "norm" in name:
+                assert torch.all(p == 1), name  # norms keep their ones
+                continue
+            std = (out_std(l) if name.endswith(("linear_proj.weight", "linear_fc2.weight")) else SIGMA) * trunc
+            close(p, std, f"layer {l} {name}")
+            if scheme != "megatron":
+                assert p.abs().max() <= 3 * std / trunc + 1e-7, f"not truncated: layer {l} {name}"
+    if scheme == "ds":  # depth really shrinks: layer 24's output projection is 1/sqrt(24) of layer 1's
+        s1 = model.decoder.layers[0].self_attention.linear_proj.weight.std().item()
+        s24 = model.decoder.layers[23].self_attention.linear_proj.weight.std().item()
+        assert s24 / s1 == pytest.approx(1 / math.sqrt(24), rel=0.05)
+
+
+@pytest.mark.usefixtures("mcore_world1")
+@pytest.mark.parametrize("arch", ["deepnorm", "pre"])
+def test_deepnorm_statistics(arch):
+    """Xavier-normal, gain (8L)^(-1/4) on v, o, gate, up, down; gain 1 on q, k (with ProRes on too)."""
+    model = build("deepnorm", arch=arch)
+    beta = (8 * L) ** -0.25
+    d = H // HEADS
+    hpg = HEADS // GROUPS
+    xavier = lambda fi, fo, gain=1.0: gain * math.sqrt(2 / (fi + fo))
+    close(model.embedding.word_embeddings.weight, SIGMA * TRUNC, "embedding")
+    for layer in model.decoder.layers:
+        qkv = layer.self_attention.linear_qkv.weight.view(GROUPS, hpg + 2, d, H)
+        close(qkv[:, :hpg], xavier(H, HEADS * d), "q")
+        close(qkv[:, hpg], xavier(H, GROUPS * d), "k")
+        close(qkv[:, hpg + 1], xavier(H, GROUPS * d, beta), "v")
+        close(layer.self_attention.linear_proj.weight, xavier(HEADS * d, H, beta), "o")
+        gate, up = layer.mlp.linear_fc1.weight.chunk(2, 0)
+        close(gate, xavier(H, FFN, beta), "gate")
+        close(up, xavier(H, FFN, beta), "up")
+        close(layer.mlp.linear_fc2.weight, xavier(FFN, H, beta), "down")
+
+
+@pytest.mark.usefixtures("mcore_world1")
+def test_unknown_scheme_is_refused():
+    from prores_megatron.core.init_schemes import apply_init
+
+    with pytest.raises(ValueError, match="init scheme='xavier'.*megatron, plain, scaled, ds, deepnorm"):
+        apply_init([], "xavier")
+
+
+def test_tp2_weights_equal_tp1_weights(tmp_path):
+    """Every scheme (and megatron-core's own init with --use-cpu-initialization): TP2 == TP1."""
+    from conftest import free_port
+
+    worker = Path(__file__).resolve().parents[1] / "init_worker.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    procs = {}
+    for ws in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ws),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               str(worker), str(tmp_path / f"ws{ws}.pt")]
+        procs[ws] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for ws, proc in procs.items():
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+    one, two = torch.load(tmp_path / "ws1.pt"), torch.load(tmp_path / "ws2.pt")
+    assert one.keys() == two.keys()
+    for scheme in one:
+        assert one[scheme].keys() == two[scheme].keys()
+        for name, w in one[scheme].items():
+            assert torch.equal(w, two[scheme][name]), (scheme, name)
+    # The schemes really differ (the comparison is not between identical defaults).
+    proj = "decoder.layers.1.self_attention.linear_proj.weight"  # l=2: scaled and ds differ
+    stds = {s: one[s][proj].std().item() for s in one}
+    assert len({round(v, 6) for v in stds.values()}) == len(stds), stds

@@ -1,0 +1,169 @@
+"""End to end through Megatron-LM's real pretrain() loop on CPU: stop mid-warmup, resume, compare.
+
+For world size 1, TP2 and PP2 the tiny CPU script runs 6 steps straight, and again as 3 steps +
+resume to 6. Loss, grad norm and alpha per layer (read back from Megatron's TensorBoard events, at
+full precision) must be bit-identical, alpha must equal the schedule at t = iteration - 1, and the
+log must carry the alpha lines and the coverage check.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prores_megatron import alpha_table
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "examples" / "scripts" / "pretrain_tiny_cpu.sh"
+ITERS, STOP, L, T = 6, 3, 8, 1.0
+# The monitor is on (every 2 iterations) with a spike window short enough to judge steps 3..5.
+PRORES = (f"--prores-schedule linear --prores-warmup-steps {T:g} --prores-monitor-interval 2 "
+          "--prores-spike-window 4 --prores-spike-min-history 2")
+
+
+def launch(tmp: Path, name: str, tp: int, pp: int, save: Path, exit_interval=None, extra=""):
+    env = dict(os.environ, PYTHON=sys.executable, TP=str(tp), PP=str(pp), TRAIN_ITERS=str(ITERS))
+    env.update(SAVE_DIR=str(save), PRORES_ARGS=PRORES)
+    env["EXTRA_ARGS"] = f"--tensorboard-dir {tmp / ('tb_' + name)} --eval-interval 1000 --eval-iters 1 {extra}"
+    if exit_interval:
+        env["EXIT_INTERVAL"] = str(exit_interval)
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    (tmp / f"{name}.log").write_text(log)
+    assert proc.returncode == 0, log[-4000:]
+    return log
+
+
+def scalars(tb_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def read_jsonl(path):
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module", params=[(1, 1), (2, 1), (1, 2)], ids=["ws1", "tp2", "pp2"])
+def runs(request, tmp_path_factory):
+    tp, pp = request.param
+    tmp = tmp_path_factory.mktemp(f"loop_tp{tp}_pp{pp}")
+    straight_log = launch(tmp, "straight", tp, pp, tmp / "ckpt_straight")
+    first_log = launch(tmp, "first", tp, pp, tmp / "ckpt_split", exit_interval=STOP)
+    resumed_log = launch(tmp, "resumed", tp, pp, tmp / "ckpt_split")
+    merged = {}
+    for part in ("tb_first", "tb_resumed"):
+        for tag, values in scalars(tmp / part).items():
+            merged.setdefault(tag, {}).update(values)
+    return dict(
+        monitor_straight=read_jsonl(tmp / "ckpt_straight" / "prores_monitor.jsonl"),
+        monitor_split=read_jsonl(tmp / "ckpt_split" / "prores_monitor.jsonl"),
+        straight=scalars(tmp / "tb_straight"),
+        split=merged,
+        logs=(straight_log, first_log, resumed_log),
+        tmp=tmp,
+    )
+
+
+def test_resume_is_bit_exact(runs):
+    straight, split = runs["straight"], runs["split"]
+    for tag in ("lm loss", "grad-norm"):
+        assert sorted(straight[tag]) == list(range(1, ITERS + 1))
+        assert split[tag] == straight[tag], tag  # exact float equality, every iteration
+    print("\nlm loss per iteration:", [straight["lm loss"][i] for i in range(1, ITERS + 1)])
+    print("grad norm per iteration:", [straight["grad-norm"][i] for i in range(1, ITERS + 1)])
+    # The loss moved: the comparison is not between two frozen runs.
+    assert straight["lm loss"][ITERS] < straight["lm loss"][1]
+
+
+def test_alpha_in_tensorboard_follows_the_schedule(runs):
+    for run in (runs["straight"], runs["split"]):
+        for iteration in range(1, ITERS + 1):
+            got = [run[f"prores/alpha/layer_{l:03d}"][iteration] for l in range(1, L + 1)]
+            expected = alpha_table("linear", iteration - 1, T, L)
+            assert got == pytest.approx(expected, abs=1e-7), iteration
+    # Mid-warmup at the stop: some layers on, some still ramping.
+    at_stop = alpha_table("linear", STOP, T, L)
+    assert 0 < at_stop.count(1.0) < L
+
+
+def test_training_log_has_alpha_and_coverage(runs):
+    straight_log, first_log, resumed_log = runs["logs"]
+    for log in runs["logs"]:
+        assert f"ProRes coverage check passed: global layers 1..{L} each built once" in log
+    lines = re.findall(r"\[ProRes\] iteration\s+(\d+) \| step t=(\d+) .*alpha per layer: (.*)", straight_log)
+    assert [int(i) for i, _, _ in lines] == list(range(1, ITERS + 1))
+    for iteration, step, values in lines:
+        assert int(step) == int(iteration) - 1
+        assert [float(v) for v in values.split()] == pytest.approx(
+            alpha_table("linear", int(step), T, L), rel=1e-3
+        )
+    resumed_iters = [int(i) for i in re.findall(r"\[ProRes\] iteration\s+(\d+)", resumed_log)]
+    assert resumed_iters == list(range(STOP + 1, ITERS + 1))
+    assert "ProRes warmup ends at step 8" in straight_log  # warmup longer than --train-iters
+
+
+def test_monitor_records(runs):
+    """The monitor JSONL: every iteration's loss (as TensorBoard has it), per-layer statistics every
+    2 iterations, the same after a resume, and online spike scores equal to the offline ones."""
+    import math
+
+    import numpy as np
+
+    from prores_megatron.monitoring.spike_score import SpikeConfig, spike_score
+
+    straight, split, tb = runs["monitor_straight"], runs["monitor_split"], runs["straight"]
+    kinds = [r["kind"] for r in straight]
+    assert kinds[0] == "run" and kinds[-1] == "spikes" and kinds.count("step") == ITERS
+    assert [r["kind"] for r in split].count("run") == 2  # one per launch
+    steps = {r["iteration"]: r for r in straight if r["kind"] == "step"}
+    for i, rec in steps.items():
+        assert np.float32(rec["lm_loss"]) == np.float32(tb["lm loss"][i])
+        assert np.float32(rec["grad_norm"]) == np.float32(tb["grad-norm"][i])
+    layers = [r for r in straight if r["kind"] == "layers"]
+    assert [r["iteration"] for r in layers] == [2, 4, 6]
+    for rec in layers:
+        assert rec["alpha"] == alpha_table("linear", rec["step"], T, L)
+        for key in ("attn_rms", "mlp_rms", "resid_rms", "resid_norm", "grad_norm"):
+            assert len(rec[key]) == L and all(v > 0 and math.isfinite(v) for v in rec[key]), key
+        # The layers' gradients are part of the global gradient (with embedding, output, final norm).
+        assert math.sqrt(sum(g * g for g in rec["grad_norm"])) < steps[rec["iteration"]]["grad_norm"]
+        # A token's L2 norm is sqrt(hidden) x its RMS on average (equal for uniform tokens): same order.
+        for rms, norm in zip(rec["resid_rms"], rec["resid_norm"]):
+            assert 0.5 * rms * 8 < norm <= rms * 8 + 1e-6  # hidden 64: sqrt(64) = 8
+    split_layers = [r for r in split if r["kind"] == "layers"]
+    assert split_layers == layers  # bit-exact after the resume, like the loss
+    config = SpikeConfig(window=4, threshold=7.0, min_history=2)
+    for key, name in (("lm_loss", "loss_score"), ("grad_norm", "grad_norm_score")):
+        offline = spike_score([steps[i][key] for i in range(1, ITERS + 1)], config=config)
+        for run in (straight, split):
+            spikes = [r for r in run if r["kind"] == "spikes"][-1]
+            assert spikes[name] == offline.score and spikes["evaluated_steps"] == offline.evaluated == 3
+
+
+ARCH_INIT = [("pre", "ds"), ("post", "plain"), ("sandwich", "scaled"), ("deepnorm", "deepnorm"), ("lns", "megatron")]
+
+
+@pytest.mark.parametrize("arch,init", ARCH_INIT, ids=[a for a, _ in ARCH_INIT])
+def test_every_arch_trains_through_megatron_lm_at_pp2(tmp_path, arch, init):
+    """Each residual architecture (with one of the inits) through the real loop at PP=2."""
+    env = dict(os.environ, PYTHON=sys.executable, TP="1", PP="2", TRAIN_ITERS="8", SAVE_DIR=str(tmp_path / "ckpt"))
+    env["PRORES_ARGS"] = f"--prores-schedule linear --prores-warmup-steps 0.5 --prores-arch {arch} --prores-init {init}"
+    env["EXTRA_ARGS"] = f"--tensorboard-dir {tmp_path / 'tb'} --eval-interval 1000 --eval-iters 1 --save-interval 8"
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert f"ProRes: arch {arch}, init {init}" in log
+    loss = scalars(tmp_path / "tb")["lm loss"]
+    values = [loss[i] for i in sorted(loss)]
+    print(f"\n{arch}/{init} lm loss:", " ".join(f"{v:.4f}" for v in values))
+    assert len(values) == 8 and all(v == v and abs(v) < 1e4 for v in values)
+    assert values[-1] < values[0] - 0.1
+    assert (tmp_path / "ckpt" / "iter_0000008").is_dir()  # torch_dist save of the arch's modules
