@@ -33,6 +33,7 @@ from pathlib import Path
 
 from ..utils.atomic_output import OutputExistsError, check_outputs, staged_files
 from .text_input import TEXT_UNITS, InputError, check_inputs, input_format, read_units, unit_texts
+from .tool_exit import run_tool
 
 __all__ = ["main", "parse_args", "preprocess", "PreprocessError", "CHUNK"]
 
@@ -322,19 +323,11 @@ def preprocess(args, checked, log=print):
 
 
 def main(argv=None):
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
-
-    try:
+    def work(log):
         args, checked = parse_args(argv)
         preprocess(args, checked, log)
-    except (PreprocessError, InputError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_tool(work, (PreprocessError, InputError))
 
 
 if __name__ == "__main__":

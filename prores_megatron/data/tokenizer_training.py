@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ..utils.atomic_output import OutputExistsError, check_outputs, staged_files
 from .text_input import TEXT_UNITS, InputError, check_inputs, input_format, read_units, unit_texts
+from .tool_exit import run_tool
 
 __all__ = ["train_tokenizer", "TokenizerTrainingError", "main", "MAX_LINE_BYTES"]
 
@@ -299,10 +300,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
 
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
-
-    try:
+    def work(log):
         train_tokenizer(
             args.input, args.output_prefix, args.vocab_size, model_type=args.model_type,
             input_format_name=args.input_format, json_keys=args.json_keys, text_unit=args.text_unit,
@@ -311,13 +309,8 @@ def main(argv=None):
             max_sentences=args.max_sentences, num_threads=args.num_threads, seed=args.seed,
             force=args.force, verbose=args.verbose, log=log,
         )
-    except (TokenizerTrainingError, InputError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_tool(work, (TokenizerTrainingError, InputError))
 
 
 if __name__ == "__main__":
