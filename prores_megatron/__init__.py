@@ -7,9 +7,9 @@ math works without it):
     set_prores_step, check_prores_coverage            - write alpha(l, t) into a built model
     ProResBiasDropoutAdd, ProResCoverageError
 
-Subpackages, each importing only those before it: utils, core (the method), monitoring, training
-(Megatron-LM glue), checkpoint, export (Hugging Face), analysis (the ``prores-megatron`` command),
-data. See docs/README.md.
+Subpackages, each importing only those before it: utils, core (the method), monitoring,
+checkpoint (reading Megatron checkpoints), training (Megatron-LM glue), export (Hugging Face),
+analysis (the ``prores-megatron`` command), data. See docs/README.md.
 """
 
 from .utils.lazy_api import lazy_api

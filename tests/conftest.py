@@ -64,3 +64,21 @@ def short_demo(tmp_path_factory):
 def demo_export(short_demo):
     """The shortened demo's Hugging Face export of its ProRes model."""
     return short_demo / "hf"
+
+
+@pytest.fixture
+def fake_te(monkeypatch):
+    """megatron-core's real TE spec builder, run against the stand-in provider."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from prores_megatron.core import compat
+
+    from models import FakeTESpecProvider
+
+    monkeypatch.setattr(gpt_layer_specs, "TESpecProvider", FakeTESpecProvider)
+    monkeypatch.setattr(compat, "have_transformer_engine", lambda: True)
+    real_backend_for = compat.backend_for
+    monkeypatch.setattr(
+        compat, "backend_for",
+        lambda impl: FakeTESpecProvider() if impl == "transformer_engine" else real_backend_for(impl),
+    )

@@ -45,3 +45,39 @@ def gpt_model(config, layer_spec, vocab=64, seq=16):
         position_embedding_type="rope",
         share_embeddings_and_output_weights=False,
     )
+
+
+class TE:  # stand-ins for Transformer Engine's classes, which cannot be imported without a GPU
+    class TENorm: ...
+    class TELayerNormColumnParallelLinear: ...
+    class TEColumnParallelLinear: ...
+    class TERowParallelLinear: ...
+    class TEDotProductAttention: ...
+
+
+class FakeTESpecProvider:
+    """Same interface as megatron-core's TESpecProvider, returning the stand-ins."""
+
+    def column_parallel_linear(self):
+        return TE.TEColumnParallelLinear
+
+    def row_parallel_linear(self):
+        return TE.TERowParallelLinear
+
+    def fuse_layernorm_and_linear(self):
+        return True
+
+    def column_parallel_layer_norm_linear(self):
+        return TE.TELayerNormColumnParallelLinear
+
+    def layer_norm(self, rms_norm=False, for_qk=False, has_residual=False):
+        return TE.TENorm
+
+    def core_attention(self):
+        return TE.TEDotProductAttention
+
+    def activation_func(self):
+        return None
+
+    def linear(self):
+        return TE.TEColumnParallelLinear

@@ -2,7 +2,7 @@
 
 Rules (docs/README.md, "Package layout"):
 - no import cycle between prores_megatron modules;
-- subpackages are ranked utils < core < monitoring < training < checkpoint < export < analysis <
+- subpackages are ranked utils < core < monitoring < checkpoint < training < export < analysis <
   data < bridge, and a module imports only its own subpackage and those ranked below it;
 - ``core`` never imports ``megatron.training``, and only ``core/compat.py`` imports megatron at all;
 - no module imports another module's private (``_name``) symbol.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "prores_megatron"
-LAYERS = ("utils", "core", "monitoring", "training", "checkpoint", "export", "analysis", "data", "bridge")
+LAYERS = ("utils", "core", "monitoring", "checkpoint", "training", "export", "analysis", "data", "bridge")
 
 
 def module_name(path: Path, root: Path) -> str:

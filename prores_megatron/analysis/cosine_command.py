@@ -27,7 +27,7 @@ from .usage import UsageError
 INPUT_ERRORS = (CheckpointError,)
 # Saved arguments that must agree between checkpoints for them to be comparable layer by layer.
 SAME_MODEL = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-              "padded_vocab_size", "prores_schedule", "prores_warmup_steps", "prores_arch")
+              "padded_vocab_size", "prores_schedule", "prores_warmup_steps", "prores_arch", "prores_start_step")
 
 
 def add_arguments(p) -> None:
@@ -125,15 +125,17 @@ def fixed_batch(args, saved_args):
     return tokens, source
 
 
-def _forward(model, tokens, iteration: int):
+def _forward(model, tokens, iteration: int, start_step: int = 0):
     """Raw branch sums u_l (float32, CPU) and per-token output norms of one checkpoint."""
     import torch
 
+    from ..core.schedules import prores_step
     from ..core.stepping import set_prores_step
     from ..monitoring.layer_stats import capture_branch_outputs
     from .token_stats import token_norm
 
-    set_prores_step(model, iteration)  # alpha after `iteration` completed optimizer steps
+    # alpha after `iteration` completed optimizer steps, counted from the run's --prores-start-step
+    set_prores_step(model, prores_step(iteration, start_step))
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     with torch.no_grad(), capture_branch_outputs(model) as cap:
         model(tokens, position_ids, None)
@@ -181,7 +183,8 @@ def run(args) -> int:
     model = build_model(ref_args, device)
     tokens = tokens.to(device)
     load_weights(model, found[reference])
-    ref_u, ref_norms = _forward(model, tokens, reference)
+    start_step = int(getattr(ref_args, "prores_start_step", 0) or 0)
+    ref_u, ref_norms = _forward(model, tokens, reference, start_step)
     L = len(ref_u)
     cosine, norms = np.zeros((len(iterations), L)), np.zeros((len(iterations), L))
     for j, it in enumerate(iterations):
@@ -189,7 +192,7 @@ def run(args) -> int:
             u, norms[j] = ref_u, ref_norms
         else:
             load_weights(model, found[it])
-            u, norms[j] = _forward(model, tokens, it)
+            u, norms[j] = _forward(model, tokens, it, start_step)
         cosine[j] = [token_cosine(u[l], ref_u[l]) for l in sorted(ref_u)]
         print(f"iteration {it}: mean cosine to iteration {reference} {np.nanmean(cosine[j]):.4f}", flush=True)
 

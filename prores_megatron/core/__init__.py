@@ -10,7 +10,7 @@ from ..utils.lazy_api import lazy_api
 _EXPORTS = {
     **{name: "schedules" for name in (
         "SCHEDULES", "STATIC_SCHEDULES", "alpha", "alpha_table", "canonical_schedule", "check_schedule",
-        "check_warmup_steps", "layer_full_step", "needs_warmup_steps", "total_warmup_steps",
+        "check_warmup_steps", "layer_full_step", "prores_step", "needs_warmup_steps", "total_warmup_steps",
         "warmup_steps_from_total")},
     **{name: "depth_scaling" for name in ("ARCHS", "INITS")},
     **{name: "alpha_plan" for name in ("AlphaPlan", "alpha_plan", "format_alpha_plan")},

@@ -41,6 +41,36 @@ def check_arch(arch: str) -> str:
     return arch
 
 
+# TransformerConfig settings whose layers the architecture transforms cannot express, with the
+# Megatron-LM flag that sets each (Megatron-LM 0.19 derives these flags from the config fields).
+_PRE_ONLY_SETTINGS = (
+    ("multi_latent_attention", "--multi-latent-attention", "MLA has no fused QKV linear to un-fuse"),
+    ("experimental_attention_variant", "--experimental-attention-variant", "its layers come as a block spec"),
+    ("use_kitchen", "--use-kitchen", "kitchen supplies its own norm and linear classes"),
+    ("use_grouped_gemm_for_dense_mlp", "--use-grouped-gemm-for-dense-mlp", "the grouped-GEMM MLP has no plain fc1"),
+)
+
+
+def check_arch_supports(spec, arch, config) -> None:
+    """ValueError naming the Megatron-LM flag when ``arch`` cannot be applied to ``spec``."""
+    check_arch(arch)
+    if arch == "pre":
+        return
+    for attr, flag, why in _PRE_ONLY_SETTINGS:
+        if getattr(config, attr, None):
+            raise ValueError(f"--prores-arch {arch} cannot be combined with {flag} ({why}); use --prores-arch pre")
+    block = spec if isinstance(spec, compat.TransformerBlockSubmodules) else getattr(spec, "submodules", None)
+    if isinstance(block, compat.TransformerBlockSubmodules):
+        raise ValueError(
+            f"--prores-arch {arch} needs one dense layer spec for every layer, but Megatron built a per-layer "
+            "block spec (--num-experts, --heterogeneous-layers-config-path); use --prores-arch pre"
+        )
+    mlp = getattr(spec.submodules, "mlp", None)
+    module = mlp.func if isinstance(mlp, functools.partial) else getattr(mlp, "module", None)
+    if isinstance(module, type) and issubclass(module, compat.MoELayer):
+        raise ValueError(f"--prores-arch {arch} supports dense MLPs only (--num-experts); use --prores-arch pre")
+
+
 def _unfused(linear, backend):
     """The plain column-parallel linear for a norm-fused one (TE), else ``linear`` unchanged."""
     fused = backend.column_parallel_layer_norm_linear()

@@ -17,6 +17,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
 from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import (
@@ -28,7 +29,7 @@ from megatron.core.utils import get_attr_wrapped_model
 
 __all__ = [  # re-exported: the other core modules reach megatron-core through these names
     "parallel_state", "get_bias_dropout_add", "LocalSpecProvider", "get_gpt_layer_local_spec",
-    "get_gpt_layer_with_transformer_engine_spec", "IdentityFuncOp", "IdentityOp", "MLPSubmodules", "ModuleSpec",
+    "get_gpt_layer_with_transformer_engine_spec", "IdentityFuncOp", "IdentityOp", "MLPSubmodules", "MoELayer", "ModuleSpec",
     "build_module", "TransformerBlock", "TransformerBlockSubmodules", "BaseTransformerLayer", "TransformerLayer",
     "TransformerLayerSubmodules", "get_attr_wrapped_model", "MEGATRON_CORE_TARGET", "BDA_FIELDS",
     "have_transformer_engine", "decoder_layers", "default_pp_group", "backend_for", "unwrap",

@@ -1,13 +1,19 @@
 """Layer specs with ProRes plugged in.
 
 Contract:
-- ``with_prores(spec, schedule, warmup_steps)`` takes a layer ``ModuleSpec``, a
-  ``TransformerBlockSubmodules`` (or a ``ModuleSpec`` of a block) and returns a fresh deep copy in
-  which every residual add that is megatron-core's ``get_bias_dropout_add`` becomes a
-  ``ProResBiasDropoutAdd``. Absent branches (``IdentityFuncOp``) are left alone; a layer with no
-  residual add to scale is an error, because ProRes would silently do nothing there.
+- ``with_prores(spec, schedule, warmup_steps, arch="pre", config=None)`` takes a layer
+  ``ModuleSpec``, a ``TransformerBlockSubmodules`` (or a ``ModuleSpec`` of a block), as Megatron's
+  own builder made it for the run's flags, and returns a fresh deep copy in which every residual add
+  that is megatron-core's ``get_bias_dropout_add`` becomes a ``ProResBiasDropoutAdd``. Absent
+  branches (``IdentityFuncOp``) are left alone; a layer with no residual add to scale is an error,
+  because ProRes would silently do nothing there. Nothing else in the spec changes for
+  ``arch="pre"``; any other ``arch`` is then applied to the layer (``architectures``), which needs
+  ``config`` (the layer's TransformerConfig, whose ``transformer_impl`` picks the norm classes) and
+  refuses, naming the flag, what it cannot express (docs/megatron.md §2, "What each architecture
+  supports").
 - ``get_prores_layer_spec(transformer_impl, ...)`` is the Llama-style (RMSNorm, SwiGLU via the
-  config, RoPE via the model) GPT layer spec of megatron-core with ProRes applied.
+  config, RoPE via the model) GPT layer spec of megatron-core with ProRes applied, for code that
+  builds megatron-core models without Megatron-LM's argument parser.
 The input spec is never mutated (megatron-core mutates specs it is given, so sharing is unsafe).
 """
 
@@ -15,7 +21,7 @@ import copy
 import dataclasses
 
 from . import compat
-from .architectures import arch_layer_spec, check_arch
+from .architectures import arch_layer_spec, check_arch, check_arch_supports
 from .residual_scale import ProResBiasDropoutAdd
 from .schedules import check_schedule
 
@@ -64,8 +70,23 @@ def _with_prores_layer(layer_spec, schedule, warmup_steps):
     return dataclasses.replace(layer_spec, submodules=dataclasses.replace(submodules, **replaced))
 
 
-def with_prores(spec, schedule: str = "linear", warmup_steps=None):
+def with_prores(spec, schedule: str = "linear", warmup_steps=None, arch: str = "pre", config=None):
     """Fresh copy of ``spec`` with ProRes on every residual branch (see module docstring)."""
+    check_arch(arch)
+    if arch == "pre":
+        return _with_prores(spec, schedule, warmup_steps)
+    if config is None:
+        raise ValueError(f"arch={arch!r} builds norms of its own and needs the TransformerConfig (config=...)")
+    return _with_arch(spec, arch, config.transformer_impl, config, schedule, warmup_steps)
+
+
+def _with_arch(spec, arch, transformer_impl, config, schedule, warmup_steps):
+    check_arch_supports(spec, arch, config)
+    spec = _with_prores(spec, schedule, warmup_steps)
+    return arch_layer_spec(spec, arch, compat.backend_for(transformer_impl), config, schedule, warmup_steps)
+
+
+def _with_prores(spec, schedule, warmup_steps):
     spec = copy.deepcopy(spec)
     if isinstance(spec, compat.TransformerBlockSubmodules):
         return dataclasses.replace(
@@ -78,7 +99,7 @@ def with_prores(spec, schedule: str = "linear", warmup_steps=None):
             f"{type(spec).__name__}"
         )
     if isinstance(spec.submodules, compat.TransformerBlockSubmodules):
-        return dataclasses.replace(spec, submodules=with_prores(spec.submodules, schedule, warmup_steps))
+        return dataclasses.replace(spec, submodules=_with_prores(spec.submodules, schedule, warmup_steps))
     return _with_prores_layer(spec, schedule, warmup_steps)
 
 
@@ -100,10 +121,10 @@ def get_prores_layer_spec(
     builds norms of its own and needs ``config`` (the TransformerConfig the model is built with).
     """
     check_arch(arch)
-    if arch != "pre" and (num_experts or use_te_op_fuser):
+    if arch != "pre" and use_te_op_fuser:
         raise ValueError(
-            f"arch={arch!r} supports dense MLPs without the TE op fuser only "
-            "(Megatron-LM flags: --num-experts, --use-transformer-engine-op-fuser)"
+            f"arch={arch!r} moves or adds norms, which the TE op fuser's fused MLP cannot express "
+            "(Megatron-LM flag: --use-transformer-engine-op-fuser)"
         )
     if transformer_impl == "local":
         base = compat.get_gpt_layer_local_spec(
@@ -132,7 +153,8 @@ def get_prores_layer_spec(
             f"transformer_impl={transformer_impl!r} is not supported; valid choices: "
             f"{', '.join(TRANSFORMER_IMPLS)}"
         )
-    spec = with_prores(base, schedule=schedule, warmup_steps=warmup_steps)
     if arch == "pre":
-        return spec
-    return arch_layer_spec(spec, arch, compat.backend_for(transformer_impl), config, schedule, warmup_steps)
+        return _with_prores(base, schedule, warmup_steps)
+    if config is None:
+        raise ValueError(f"arch={arch!r} builds norms of its own and needs the TransformerConfig (config=...)")
+    return _with_arch(base, arch, transformer_impl, config, schedule, warmup_steps)

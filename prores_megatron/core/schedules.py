@@ -71,6 +71,14 @@ def warmup_steps_from_total(schedule: str, total_steps: float, num_layers: int) 
     return float(total_steps) if name == "equal" else float(total_steps) / num_layers
 
 
+def prores_step(iteration: int, start_step: int = 0) -> int:
+    """The ProRes step t of a run after ``iteration`` completed optimizer steps, when its warmup
+    started at ``start_step`` (``--prores-start-step``; docs/method.md §4): max(iteration - N, 0)."""
+    iteration = _check_int("iteration", iteration, low=0, hint="an integer >= 0")
+    start_step = _check_int("start_step", start_step, low=0, hint="an integer >= 0 (--prores-start-step)")
+    return max(iteration - start_step, 0)
+
+
 def alpha(schedule: str, layer: int, step: int, warmup_steps: Optional[float], num_layers: int) -> float:
     """alpha(l, t) of docs/method.md §3.2. ``layer`` is 1-based and global; ``step`` >= 0."""
     name = canonical_schedule(schedule)

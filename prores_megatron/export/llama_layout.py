@@ -12,8 +12,8 @@ Contract: ``resolve_layout(args, iteration, overrides)`` returns ``(ExportLayout
   HF tensors to write in order (``hf_tensors``), ``config.json`` (``hf_config``) and, per layer, the
   ProRes alpha(l, t) to fold in (``alphas``) and LNS's 1/sqrt(l) (``norm_scales``).
 
-The alpha step t defaults to the saved ``iteration``: the completed optimizer steps, i.e. the alpha
-the next training step would use. Megatron's own evaluation at that checkpoint ran with t =
+The alpha step t defaults to the saved ``iteration`` (the completed optimizer steps) minus the
+run's ``--prores-start-step``, i.e. the alpha the next training step would use. Megatron's own evaluation at that checkpoint ran with t =
 iteration - 1 (the last training step's value); pass ``step`` to export that model instead.
 No torch, no Megatron import: this is arithmetic on the argument namespace.
 """
@@ -24,7 +24,7 @@ from functools import cached_property
 from typing import Optional
 
 from ..checkpoint.tensor_names import EMBEDDING, FC1, FC2, FINAL_NORM, LAYER_PREFIX, OUTPUT, PROJ, QKV
-from ..core.schedules import alpha, canonical_schedule, needs_warmup_steps, total_warmup_steps
+from ..core.schedules import alpha, canonical_schedule, needs_warmup_steps, prores_step, total_warmup_steps
 
 ARCHS_EXPORTABLE = ("pre", "lns")
 ARCH_REFUSALS = {
@@ -300,11 +300,15 @@ def resolve_layout(args, iteration: int, overrides=None, sp_vocab_size=None):
 
     schedule, warmup = _prores_schedule(args, overrides, notes, L)
     step = overrides.get("step")
+    start = int(_get(args, "prores_start_step", default=0) or 0)
+    trained_step = prores_step(int(iteration), start)  # what the next training step would use
     if step is None:
-        step = int(iteration)
-    else:
-        if step != int(iteration):
-            notes.append(f"--step {step}: alpha at t={step}, not at the checkpoint's iteration {iteration}")
+        step = trained_step
+        if start:
+            notes.append(f"--prores-start-step {start}: alpha at t = {iteration} - {start} = {step}")
+    elif step != trained_step:
+        notes.append(f"--step {step}: alpha at t={step}, not at the checkpoint's t={trained_step} "
+                     f"(iteration {iteration})")
     layout = ExportLayout(
         num_layers=L, hidden=H, ffn=ffn, heads=heads, groups=groups, head_dim=head_dim,
         vocab=vocab, padded_vocab=padded,

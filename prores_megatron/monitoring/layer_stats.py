@@ -4,7 +4,9 @@ Contract:
 - ``LayerMonitor(model_chunks)``: ``start()`` arms every ProRes residual of this rank's layers;
   the next training forward passes accumulate, per layer, the sum of squares and element count of
   the attention and MLP branch outputs before alpha (what alpha multiplies), of the layer output
-  (the residual stream x_{l+1}), and the sum of per-token L2 norms of that output. ``stop()``
+  (the residual stream x_{l+1}), and the sum of per-token L2 norms of that output; at ``start()``
+  it also reads each layer's alpha from the residual module's buffer (the value the kernel
+  multiplies by), so the log shows the model's alpha, not a recomputation. ``stop()``
   disarms them; ``reduce(...)`` returns one [L, k] table valid on every rank: summed over
   data-parallel replicas, over pipeline stages (each layer lives on one), and over tensor-parallel
   ranks only under sequence parallelism (otherwise TP ranks hold the same activations).
@@ -23,9 +25,10 @@ import torch
 from ..core import compat
 from ..core.stepping import residual_scales
 
-# Columns of the per-layer accumulator.
-ATTN_SQ, ATTN_N, MLP_SQ, MLP_N, OUT_SQ, OUT_N, OUT_TOKNORM, OUT_TOKENS = range(8)
-_WIDTH = 8
+# Columns of the per-layer accumulator. ALPHA holds alpha once per rank that holds the layer and
+# ALPHA_N counts those ranks, so the reduced table gives alpha = ALPHA / ALPHA_N exactly.
+ATTN_SQ, ATTN_N, MLP_SQ, MLP_N, OUT_SQ, OUT_N, OUT_TOKNORM, OUT_TOKENS, ALPHA, ALPHA_N = range(10)
+_WIDTH = 10
 
 
 def _in_backward() -> bool:
@@ -91,7 +94,10 @@ class LayerMonitor:
             device = next(layer.parameters()).device
             row = torch.zeros(_WIDTH, dtype=torch.float64, device=device)
             self.acc[layer.layer_number] = row
-            for role, module in _residuals(layer):
+            residuals = _residuals(layer)
+            row[ALPHA] = residuals[0][1].alpha.double()  # both branches share the layer's alpha
+            row[ALPHA_N] = 1.0
+            for role, module in residuals:
                 module.recorder = _Recorder(row, role)
 
     def stop(self):
@@ -101,7 +107,7 @@ class LayerMonitor:
         return self.acc
 
     def reduce(self, num_layers, dp_group=None, pp_group=None, tp_group=None, sequence_parallel=False):
-        """[L, 8] float64 table (row l-1 = layer l), identical on every rank that calls it."""
+        """[L, 10] float64 table (row l-1 = layer l), identical on every rank that calls it."""
         device = next(iter(self.acc.values())).device if self.acc else torch.device("cpu")
         table = torch.zeros(num_layers, _WIDTH, dtype=torch.float64, device=device)
         for l, row in self.acc.items():
@@ -113,7 +119,8 @@ class LayerMonitor:
 
 
 def summarize(table):
-    """Per-layer lists from a reduced table: attention/MLP branch RMS, output RMS and token norm."""
+    """Per-layer lists from a reduced table: attention/MLP branch RMS, output RMS and token norm,
+    and alpha as the model held it."""
 
     def ratio(num, den, root):
         return [math.sqrt(n / d) if root and d else (n / d if d else float("nan")) for n, d in zip(num, den)]
@@ -125,6 +132,7 @@ def summarize(table):
         "mlp_rms": ratio(col(MLP_SQ), col(MLP_N), True),
         "resid_rms": ratio(col(OUT_SQ), col(OUT_N), True),
         "resid_norm": ratio(col(OUT_TOKNORM), col(OUT_TOKENS), False),
+        "alpha": ratio(col(ALPHA), col(ALPHA_N), False),
     }
 
 

@@ -12,7 +12,8 @@ from ..utils.lazy_api import lazy_api
 _EXPORTS = {
     **{name: "arguments" for name in (
         "ProResArgumentError", "add_prores_args", "validate_prores_args", "describe_prores_args")},
-    **{name: "model_config" for name in ("configure_model_config", "attach_monitor", "prores_layer_spec_fn")},
+    **{name: "model_config" for name in (
+        "configure_model_config", "attach_monitor", "prores_layer_spec_fn", "current_prores_step")},
     **{name: "training_monitor" for name in ("AlphaLogger", "TrainingMonitor")},
     **{name: "cpu_shim" for name in ("install_cpu_shim", "is_cpu_shim_installed")},
     **{name: "pipeline_layout" for name in (

@@ -48,6 +48,14 @@ def add_prores_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "alpha = 1, the reference implementation's convention. Excludes --prores-warmup-steps.",
     )
     group.add_argument(
+        "--prores-start-step",
+        type=int,
+        default=0,
+        help="Iteration N at which the warmup starts: alpha uses t = iteration - N (alpha(l, 0) "
+        "before it). Default 0. Set it to the checkpoint's iteration to switch ProRes on when "
+        "resuming a run trained without it.",
+    )
+    group.add_argument(
         "--prores-arch",
         choices=ARCHS,
         default="pre",
@@ -103,6 +111,8 @@ def validate_prores_args(args) -> None:
         if value is not None and not (value > 0 and value != float("inf")):
             raise ProResArgumentError(f"{flag}={value} must be a positive, finite number of steps")
     L = args.num_layers
+    if args.prores_start_step < 0:
+        raise ProResArgumentError(f"--prores-start-step={args.prores_start_step} must be >= 0 (an iteration)")
     _validate_arch(args)
     _validate_monitor(args)
     if needs_warmup_steps(args.prores_schedule):
@@ -132,6 +142,20 @@ def validate_prores_args(args) -> None:
             )
 
 
+# Megatron-LM flags whose layers only Pre-LN (the stock layer) supports (docs/megatron.md §2,
+# "What each architecture supports"): (args attribute, flag, why the other architectures cannot).
+_PRE_ONLY_FLAGS = (
+    ("num_experts", "--num-experts", "supports dense MLPs only"),
+    ("use_transformer_engine_op_fuser", "--use-transformer-engine-op-fuser",
+     "moves or adds norms, which the TE op fuser's fused MLP cannot express"),
+    ("heterogeneous_layers_config_path", "--heterogeneous-layers-config-path", "needs one layer spec for every layer"),
+    ("heterogeneous_layers_config_encoded_json", "--heterogeneous-layers-config-encoded-json",
+     "needs one layer spec for every layer"),
+    ("use_kitchen", "--use-kitchen", "builds its norms from TE or local classes, not kitchen's"),
+    ("use_grouped_gemm_for_dense_mlp", "--use-grouped-gemm-for-dense-mlp", "needs the plain MLP's fc1 to un-fuse its norm"),
+)
+
+
 def _validate_arch(args) -> None:
     """Combinations ProRes or an architecture cannot express, named by their flags."""
     impl = getattr(args, "transformer_impl", "local")
@@ -158,16 +182,11 @@ def _validate_arch(args) -> None:
         )
     if args.prores_arch == "pre":
         return
-    if getattr(args, "num_experts", None):
-        raise ProResArgumentError(
-            f"--prores-arch {args.prores_arch} supports dense MLPs only: drop --num-experts or "
-            "use --prores-arch pre"
-        )
-    if getattr(args, "use_transformer_engine_op_fuser", False):
-        raise ProResArgumentError(
-            f"--prores-arch {args.prores_arch} moves or adds norms, which the TE op fuser's fused "
-            "MLP cannot express: drop --use-transformer-engine-op-fuser"
-        )
+    for attr, flag, why in _PRE_ONLY_FLAGS:
+        if getattr(args, attr, None):
+            raise ProResArgumentError(
+                f"--prores-arch {args.prores_arch} {why}: drop {flag} or use --prores-arch pre"
+            )
 
 
 def _validate_monitor(args) -> None:
@@ -189,12 +208,24 @@ def _validate_monitor(args) -> None:
 
 
 def describe_prores_args(args) -> str:
-    """One line for the training log."""
+    """The start-up lines for the training log: the settings, and what ProRes leaves unscaled."""
     arch = f"arch {getattr(args, 'prores_arch', 'pre')}, init {getattr(args, 'prores_init', 'megatron')}"
+    start = getattr(args, "prores_start_step", 0)
     if not needs_warmup_steps(args.prores_schedule):
-        return f"ProRes: {arch}, schedule {args.prores_schedule} (static), L = {args.num_layers}"
-    end = total_warmup_steps(args.prores_schedule, args.prores_warmup_steps, args.num_layers)
-    return (
-        f"ProRes: {arch}, schedule {args.prores_schedule}, T = {args.prores_warmup_steps:g} steps "
-        f"per layer, L = {args.num_layers}, every layer at alpha = 1 from step {end:g}"
-    )
+        line = f"ProRes: {arch}, schedule {args.prores_schedule} (static), L = {args.num_layers}"
+    else:
+        end = total_warmup_steps(args.prores_schedule, args.prores_warmup_steps, args.num_layers)
+        line = (
+            f"ProRes: {arch}, schedule {args.prores_schedule}, T = {args.prores_warmup_steps:g} steps "
+            f"per layer, L = {args.num_layers}, every layer at alpha = 1 from step {end:g}"
+        )
+        if start:
+            line += f" (t = iteration - {start}: --prores-start-step {start}, alpha = 1 from iteration {end + start:g})"
+    mtp = getattr(args, "mtp_num_layers", None)
+    if mtp:
+        line += (
+            f"\nProRes: the {mtp} MTP layer(s) (--mtp-num-layers) are prediction heads after the trunk, not "
+            "decoder layers 1..L: Megatron builds them from its stock Pre-LN spec, and ProRes leaves them "
+            "unscaled (alpha = 1) and Pre-LN for every --prores-arch (docs/method.md §5.3)"
+        )
+    return line

@@ -4,33 +4,38 @@ Contract: ``configure_model_config(model_cfg, args)`` takes the ``GPTModelConfig
 ``gpt_config_from_args`` made and the parsed+validated args (``add_prores_args`` /
 ``validate_prores_args``), and plugs ProRes in: the layer spec (a callable, so every virtual-pipeline
 chunk gets a fresh copy), the ``--prores-init`` re-draw (a pre-wrap hook, before DDP and the
-bf16/fp16 wrapper) and the coverage guard (a post-wrap hook: collective, while every rank is in
-step). Together with ``set_prores_step(model, args.curr_iteration)`` at the top of the forward step
-this is the whole integration; ``prores_megatron.training.pretrain_gpt`` and the patch in ``patches/`` both
+bf16/fp16 wrapper), the coverage guard (a post-wrap hook: collective, while every rank is in
+step) and the resume check (``resume_check``: a warning when the checkpoint being resumed was
+trained with other ProRes settings). Together with ``set_prores_step(model, current_prores_step(args))`` at the top of the forward
+step this is the whole integration; ``prores_megatron.training.pretrain_gpt`` and the patch in ``patches/`` both
 use it. ``attach_monitor`` adds the optional ``--prores-monitor-interval`` monitor.
 Imports ``megatron.training`` lazily (inside functions), after the CPU shim.
 """
 
 
 def prores_layer_spec_fn(args):
-    """The callable GPTModelConfig.transformer_layer_spec: a fresh ProRes spec per chunk."""
-    from ..core.layer_spec import get_prores_layer_spec
+    """The callable GPTModelConfig.transformer_layer_spec: Megatron-LM's own spec for the run's
+    flags, fresh per chunk, transformed by ``with_prores`` (the stock spec plus alpha)."""
+    from ..core.layer_spec import with_prores
 
     def layer_spec(model_config, vp_stage=None):
-        t = model_config.transformer
-        return get_prores_layer_spec(
-            transformer_impl=t.transformer_impl,
-            schedule=args.prores_schedule,
-            warmup_steps=args.prores_warmup_steps,
-            arch=args.prores_arch,
-            config=t,
-            normalization=t.normalization,
-            qk_layernorm=t.qk_layernorm,
-            num_experts=t.num_moe_experts,
-            moe_grouped_gemm=t.moe_grouped_gemm,
-        )
+        # The function Megatron-LM's GPTModelBuilder calls when no spec is given (0.19): it picks
+        # the local/TE layer, the MoE block spec for --moe-layer-freq, heterogeneous configs, ...
+        from megatron.training.models.gpt import default_layer_spec
+
+        stock = default_layer_spec(model_config, vp_stage)
+        return with_prores(stock, args.prores_schedule, args.prores_warmup_steps, arch=args.prores_arch,
+                           config=model_config.transformer)
 
     return layer_spec
+
+
+def current_prores_step(args) -> int:
+    """ProRes's t for the forward step Megatron is running: ``args.curr_iteration`` (completed
+    optimizer steps, restored on resume) minus ``--prores-start-step``, never below 0."""
+    from ..core.schedules import prores_step
+
+    return prores_step(args.curr_iteration, getattr(args, "prores_start_step", 0))
 
 
 def init_hook(args):
@@ -68,9 +73,11 @@ def coverage_hook(args):
 
 def configure_model_config(model_cfg, args):
     """Plug ProRes into ``model_cfg`` (see module docstring); returns it."""
+    from .resume_check import resume_check_hook
+
     model_cfg.transformer_layer_spec = prores_layer_spec_fn(args)
     model_cfg.pre_wrap_hooks = [*model_cfg.pre_wrap_hooks, init_hook(args)]
-    model_cfg.post_wrap_hooks = [*model_cfg.post_wrap_hooks, coverage_hook(args)]
+    model_cfg.post_wrap_hooks = [*model_cfg.post_wrap_hooks, coverage_hook(args), resume_check_hook(args)]
     return model_cfg
 
 

@@ -3,7 +3,7 @@
 Contract: takes every Megatron-LM ``pretrain_gpt.py`` flag plus the ``--prores-*`` flags, and runs
 Megatron-LM's own ``pretrain()`` loop (megatron-core 0.19 calling convention) with the ProRes layer
 spec. alpha is set from ``args.curr_iteration`` (completed optimizer steps, restored from the
-checkpoint on resume) at the top of every forward step, so recompute, micro-batches and every rank
+checkpoint on resume; minus ``--prores-start-step``) at the top of every forward step, so recompute, micro-batches and every rank
 see the same value; the coverage guard runs once, collectively, right after the model is built.
 Data: ``--data-path`` indexed datasets or ``--mock-data``. On a machine without CUDA the CPU shim is
 installed first (gloo; see ``cpu_shim``); ``megatron.training`` is imported inside functions, after it.
@@ -15,7 +15,7 @@ from functools import partial
 import torch
 
 from .arguments import ProResArgumentError, add_prores_args, describe_prores_args, validate_prores_args
-from .model_config import attach_monitor, configure_model_config
+from .model_config import attach_monitor, configure_model_config, current_prores_step
 
 
 def get_batch(data_iterator, vp_stage=None):
@@ -75,13 +75,15 @@ def make_forward_step(args, monitor=None):
         from megatron.core.utils import get_attr_wrapped_model
         from megatron.training import get_args, get_timers
 
-        step = get_args().curr_iteration  # completed optimizer steps; resume-safe
+        args = get_args()
+        completed = args.curr_iteration  # completed optimizer steps; restored on resume
+        step = current_prores_step(args)  # t = completed - --prores-start-step
         # Per micro-batch and chunk, but a no-op after the first: alpha changes only between steps.
         set_prores_step(model, step, check_coverage=False)
         if model.training:
-            log_alpha(step)
+            log_alpha(completed, step)
         if monitor is not None:
-            monitor.before_forward(step, model.training)
+            monitor.before_forward(completed, model.training)
         timers = get_timers()
         timers("batch-generator", log_level=2).start()
         vp_stage = get_attr_wrapped_model(model, "vp_stage")

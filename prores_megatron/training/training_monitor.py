@@ -28,24 +28,33 @@ from ..monitoring.run_logs import MONITOR_FILE
 
 
 class AlphaLogger:
-    """Writes alpha per layer to the training log and Megatron's TensorBoard/W&B writers."""
+    """Writes alpha per layer to the training log and Megatron's TensorBoard/W&B writers: on the
+    first training step of every launch (a fresh start or a resume), then every --log-interval."""
 
     def __init__(self, args):
         self.args = args
         self.last_logged = None
 
-    def __call__(self, step: int) -> None:
+    def __call__(self, completed: int, step: int) -> None:
+        """``completed``: optimizer steps done (``args.curr_iteration``); ``step``: ProRes's t."""
         args = self.args
-        iteration = step + 1  # the iteration that forward step computes (Megatron counts from 1)
-        if iteration % args.log_interval or self.last_logged == iteration:
+        iteration = completed + 1  # the iteration this forward step computes (Megatron counts from 1)
+        first = self.last_logged is None
+        if self.last_logged == iteration or (iteration % args.log_interval and not first):
             return
         self.last_logged = iteration
         from megatron.training import get_tensorboard_writer, get_wandb_writer, print_rank_last
 
         table = alpha_table(args.prores_schedule, step, args.prores_warmup_steps, args.num_layers)
         full = sum(a == 1.0 for a in table)
+        launch = ""
+        if first:
+            T = args.prores_warmup_steps
+            launch = (f"first step of this launch: schedule {args.prores_schedule}, T = "
+                      f"{'n/a' if T is None else f'{T:g}'}, --prores-start-step "
+                      f"{getattr(args, 'prores_start_step', 0)} | ")
         print_rank_last(
-            f" [ProRes] iteration {iteration:8d} | step t={step} | layers at alpha=1: "
+            f" [ProRes] iteration {iteration:8d} | {launch}step t={step} | layers at alpha=1: "
             f"{full}/{len(table)} | alpha per layer: " + " ".join(f"{a:.4g}" for a in table)
         )
         writer = get_tensorboard_writer()
@@ -199,9 +208,7 @@ class TrainingMonitor:
             self.finish(iteration)
 
     def _log_layers(self, iteration, step, table, grad_sq):
-        a = self.args
-        stats = summarize(table)
-        stats["alpha"] = alpha_table(a.prores_schedule, step, a.prores_warmup_steps, a.num_layers)
+        stats = summarize(table)  # its "alpha" is what the model's residual buffers held
         stats["grad_norm"] = None if grad_sq is None else [math.sqrt(v) for v in grad_sq.tolist()]
         if self.file is None:
             return

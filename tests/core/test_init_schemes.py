@@ -95,20 +95,8 @@ def test_unknown_scheme_is_refused():
 
 def test_tp2_weights_equal_tp1_weights(tmp_path):
     """Every scheme (and megatron-core's own init with --use-cpu-initialization): TP2 == TP1."""
-    from conftest import free_port
-
-    worker = Path(__file__).resolve().parents[1] / "init_worker.py"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    procs = {}
-    for ws in (1, 2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ws),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               str(worker), str(tmp_path / f"ws{ws}.pt")]
-        procs[ws] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for ws, proc in procs.items():
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out[-3000:]
-    one, two = torch.load(tmp_path / "ws1.pt"), torch.load(tmp_path / "ws2.pt")
+    dumps = _run_init_worker(tmp_path, "tp", (1, 2))
+    one, two = dumps[1], dumps[2]
     assert one.keys() == two.keys()
     for scheme in one:
         assert one[scheme].keys() == two[scheme].keys()
@@ -118,3 +106,46 @@ def test_tp2_weights_equal_tp1_weights(tmp_path):
     proj = "decoder.layers.1.self_attention.linear_proj.weight"  # l=2: scaled and ds differ
     stds = {s: one[s][proj].std().item() for s in one}
     assert len({round(v, 6) for v in stds.values()}) == len(stds), stds
+
+
+def _run_init_worker(tmp_path, mode, sizes):
+    from conftest import free_port
+
+    worker = Path(__file__).resolve().parents[1] / "init_worker.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    procs = {}
+    for ws in sizes:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ws),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               str(worker), str(tmp_path / f"{mode}{ws}.pt"), mode]
+        procs[ws] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for ws, proc in procs.items():
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+    return {ws: torch.load(tmp_path / f"{mode}{ws}.pt") for ws in sizes}
+
+
+def test_ep2_expert_weights_equal_ep1(tmp_path):
+    """MoE (4 routed experts, a shared expert): every --prores-init draws expert e the same on
+    EP1 and EP2 (keyed by the global expert id), and depth-scales expert down-projections."""
+    dumps = _run_init_worker(tmp_path, "ep", (1, 2))
+    one, two = dumps[1], dumps[2]
+    expert = "decoder.layers.{l}.mlp.experts.{e}.linear_fc2.weight"
+    for scheme in ("plain", "scaled", "ds", "deepnorm"):
+        assert one[scheme].keys() == two[scheme].keys()
+        assert expert.format(l=0, e=3) in one[scheme]  # the experts are named by global id
+        for name, w in one[scheme].items():
+            assert torch.equal(w, two[scheme][name]), (scheme, name)
+        # Four different experts, not one expert drawn four times.
+        assert len({one[scheme][expert.format(l=1, e=e)].sum().item() for e in range(4)}) == 4
+    # megatron-core's own init (use_cpu_initialization) draws each rank's local experts from the
+    # same stream: EP2's experts 2, 3 repeat experts 0, 1 and differ from EP1's.
+    assert not torch.equal(one["megatron"][expert.format(l=0, e=2)], two["megatron"][expert.format(l=0, e=2)])
+    # ds: the down-projections of routed and shared experts of layer l have std sigma/sqrt(2l).
+    for l in range(1, 5):
+        for name in (expert.format(l=l - 1, e=e) for e in range(4)):
+            close(one["ds"][name], 0.02 / math.sqrt(2 * l) * TRUNC, name)
+        shared = f"decoder.layers.{l - 1}.mlp.shared_experts.linear_fc2.weight"
+        close(one["ds"][shared], 0.02 / math.sqrt(2 * l) * TRUNC, shared)
+        up = f"decoder.layers.{l - 1}.mlp.experts.0.linear_fc1.weight"
+        close(one["ds"][up], 0.02 * TRUNC, up)  # not an output projection: sigma

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from models import gpt_model, llama_config
+from models import TE, gpt_model, llama_config
 
 pytestmark = pytest.mark.usefixtures("mcore_world1")
 
@@ -99,58 +99,6 @@ def test_with_prores_refuses_what_it_cannot_scale():
         with_prores(get_gpt_layer_local_spec(), schedule="linear")
 
 
-class _TE:  # stand-ins for Transformer Engine's classes, which cannot be imported without a GPU
-    class TENorm: ...
-    class TELayerNormColumnParallelLinear: ...
-    class TEColumnParallelLinear: ...
-    class TERowParallelLinear: ...
-    class TEDotProductAttention: ...
-
-
-class FakeTESpecProvider:
-    """Same interface as megatron-core's TESpecProvider, returning the stand-ins."""
-
-    def column_parallel_linear(self):
-        return _TE.TEColumnParallelLinear
-
-    def row_parallel_linear(self):
-        return _TE.TERowParallelLinear
-
-    def fuse_layernorm_and_linear(self):
-        return True
-
-    def column_parallel_layer_norm_linear(self):
-        return _TE.TELayerNormColumnParallelLinear
-
-    def layer_norm(self, rms_norm=False, for_qk=False, has_residual=False):
-        return _TE.TENorm
-
-    def core_attention(self):
-        return _TE.TEDotProductAttention
-
-    def activation_func(self):
-        return None
-
-    def linear(self):
-        return _TE.TEColumnParallelLinear
-
-
-@pytest.fixture
-def fake_te(monkeypatch):
-    """megatron-core's real TE spec builder, run against the stand-in provider."""
-    from megatron.core.models.gpt import gpt_layer_specs
-
-    from prores_megatron.core import compat
-
-    monkeypatch.setattr(gpt_layer_specs, "TESpecProvider", FakeTESpecProvider)
-    monkeypatch.setattr(compat, "have_transformer_engine", lambda: True)
-    real_backend_for = compat.backend_for
-    monkeypatch.setattr(
-        compat, "backend_for",
-        lambda impl: FakeTESpecProvider() if impl == "transformer_engine" else real_backend_for(impl),
-    )
-
-
 def _mlp_fc1(spec):
     mlp = spec.submodules.mlp
     sub = mlp.keywords["submodules"] if hasattr(mlp, "keywords") else mlp.submodules
@@ -185,8 +133,8 @@ def test_transformer_engine_spec_structure(fake_te, arch):
     spec = get_prores_layer_spec("transformer_engine", schedule="linear-square", warmup_steps=4, arch=arch, config=cfg)
     sub = spec.submodules
     qkv = sub.self_attention.submodules.linear_qkv
-    assert sub.self_attention.submodules.core_attention is _TE.TEDotProductAttention
-    assert sub.self_attention.submodules.linear_proj is _TE.TERowParallelLinear
+    assert sub.self_attention.submodules.core_attention is TE.TEDotProductAttention
+    assert sub.self_attention.submodules.linear_proj is TE.TERowParallelLinear
     bda = {
         "pre": ProResBiasDropoutAdd, "lns": ProResBiasDropoutAdd, "sandwich": ProResSandwichBiasDropoutAdd,
         "post": ProResPostNormBiasDropoutAdd, "deepnorm": ProResPostNormBiasDropoutAdd,
@@ -195,20 +143,20 @@ def test_transformer_engine_spec_structure(fake_te, arch):
         assert getattr(sub, field).module is bda
         assert getattr(sub, field).params["schedule"] == "linear-square"
     if arch in ("pre", "sandwich"):  # pre-norm present: TE keeps it fused into the linears
-        assert qkv is _TE.TELayerNormColumnParallelLinear
-        assert _mlp_fc1(spec) is _TE.TELayerNormColumnParallelLinear
+        assert qkv is TE.TELayerNormColumnParallelLinear
+        assert _mlp_fc1(spec) is TE.TELayerNormColumnParallelLinear
     else:  # no pre-norm (post, deepnorm) or a scaled one (lns): the plain TE linears
-        assert qkv is _TE.TEColumnParallelLinear
-        assert _mlp_fc1(spec) is _TE.TEColumnParallelLinear
+        assert qkv is TE.TEColumnParallelLinear
+        assert _mlp_fc1(spec) is TE.TEColumnParallelLinear
     if arch in ("post", "deepnorm"):
         assert sub.input_layernorm is IdentityOp and sub.pre_mlp_layernorm is IdentityOp
-        assert sub.self_attn_bda.params["norm"] is _TE.TENorm
+        assert sub.self_attn_bda.params["norm"] is TE.TENorm
         assert sub.self_attn_bda.params["skip_scale"] == (pytest.approx(48 ** 0.25) if arch == "deepnorm" else 1.0)
     if arch == "sandwich":
-        assert sub.mlp_bda.params["norm"] is _TE.TENorm
+        assert sub.mlp_bda.params["norm"] is TE.TENorm
     if arch == "lns":
         for norm in (sub.input_layernorm, sub.pre_mlp_layernorm):
-            assert issubclass(norm, DepthScaledNorm) and norm.norm_class is _TE.TENorm
+            assert issubclass(norm, DepthScaledNorm) and norm.norm_class is TE.TENorm
         assert sub.sharded_state_dict_keys_map["input_layernorm.norm."] == "self_attention.linear_qkv.layer_norm_"
 
 
