@@ -27,6 +27,10 @@ def _settings(ns):
     return schedule, T, getattr(ns, "prores_arch", None) or "pre", int(getattr(ns, "prores_start_step", 0) or 0)
 
 
+def _fmt(value) -> str:
+    return "unset" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _resumed_checkpoint(args):
     if not getattr(args, "load", None) or not Path(args.load).is_dir():
         return None
@@ -50,8 +54,7 @@ def resume_changes(args):
     iteration = 0 if getattr(args, "finetune", False) else ckpt.iteration
     L = args.num_layers
     names = ("--prores-schedule", "--prores-warmup-steps", "--prores-arch", "--prores-start-step")
-    changed = [f"{flag} {a if a is not None else 'unset'} -> {b if b is not None else 'unset'}"
-               for flag, a, b in zip(names, old, new) if a != b]
+    changed = [f"{flag} {_fmt(a)} -> {_fmt(b)}" for flag, a, b in zip(names, old, new) if a != b]
     before = alpha_table(old[0], prores_step(iteration, old[3]), old[1], L)
     after = alpha_table(new[0], prores_step(iteration, new[3]), new[1], L)
     worst = max(range(L), key=lambda i: (abs(after[i] - before[i]), i))

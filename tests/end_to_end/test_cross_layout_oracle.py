@@ -12,6 +12,7 @@ import json
 import math
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -326,5 +327,10 @@ def test_monitor_matches_direct_computation_across_layouts(oracle):
                 assert math.isclose(a, b, rel_tol=tol, abs_tol=tol), (name, row_g, row_r)
         for a, b in zip(got["grad_sq"], ref["grad_sq"]):
             assert math.isclose(a, b, rel_tol=tol, abs_tol=tol), (name, a, b)
+    # Columns 8, 9: alpha read from each layer's residual buffer, once per rank holding the layer.
+    # The monitor case is linear, T = 1, t = 4: alpha(l) = min(4 / l, 1), stored in fp32.
+    for name in (REFERENCE, "pp2", "tp2"):
+        for l, row in enumerate(res[name]["cases"]["monitor"]["table"], start=1):
+            assert row[8] / row[9] == struct.unpack("f", struct.pack("f", min(4 / l, 1.0)))[0], (name, l)
     rms = [math.sqrt(r[4] / r[5]) for r in ref["table"]]
     print("\n[oracle] monitor: layer-output RMS by depth", " ".join(f"{v:.4g}" for v in rms))

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from prores_megatron import alpha_table
 
@@ -98,7 +99,8 @@ def test_training_log_has_alpha_and_coverage(runs):
     straight_log, first_log, resumed_log = runs["logs"]
     for log in runs["logs"]:
         assert f"ProRes coverage check passed: global layers 1..{L} each built once" in log
-    lines = re.findall(r"\[ProRes\] iteration\s+(\d+) \| step t=(\d+) .*alpha per layer: (.*)", straight_log)
+    lines = re.findall(r"\[ProRes\] iteration\s+(\d+) \| (?:first step of this launch: [^|]*\| )?step t=(\d+) "
+                       r".*alpha per layer: (.*)", straight_log)
     assert [int(i) for i, _, _ in lines] == list(range(1, ITERS + 1))
     for iteration, step, values in lines:
         assert int(step) == int(iteration) - 1
@@ -107,6 +109,7 @@ def test_training_log_has_alpha_and_coverage(runs):
         )
     resumed_iters = [int(i) for i in re.findall(r"\[ProRes\] iteration\s+(\d+)", resumed_log)]
     assert resumed_iters == list(range(STOP + 1, ITERS + 1))
+    assert re.search(rf"\[ProRes\] iteration\s+{STOP + 1} \| first step of this launch: schedule linear", resumed_log)
     assert "ProRes warmup ends at step 8" in straight_log  # warmup longer than --train-iters
 
 
@@ -130,7 +133,9 @@ def test_monitor_records(runs):
     layers = [r for r in straight if r["kind"] == "layers"]
     assert [r["iteration"] for r in layers] == [2, 4, 6]
     for rec in layers:
-        assert rec["alpha"] == alpha_table("linear", rec["step"], T, L)
+        # The model's alpha buffers (fp32), against linear's min(t / (T l), 1) by hand.
+        assert rec["alpha"] == [torch.tensor(min(rec["step"] / (T * l), 1.0), dtype=torch.float32).item()
+                                for l in range(1, L + 1)]
         for key in ("attn_rms", "mlp_rms", "resid_rms", "resid_norm", "grad_norm"):
             assert len(rec[key]) == L and all(v > 0 and math.isfinite(v) for v in rec[key]), key
         # The layers' gradients are part of the global gradient (with embedding, output, final norm).
