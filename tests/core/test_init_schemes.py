@@ -149,3 +149,17 @@ def test_ep2_expert_weights_equal_ep1(tmp_path):
         close(one["ds"][shared], 0.02 / math.sqrt(2 * l) * TRUNC, shared)
         up = f"decoder.layers.{l - 1}.mlp.experts.0.linear_fc1.weight"
         close(one["ds"][up], 0.02 * TRUNC, up)  # not an output projection: sigma
+
+
+def test_expert_weights_are_keyed_by_global_id_in_every_expert_module():
+    """SequentialMLP's local_experts.<i> and TE's grouped weight<i> name one expert the same way."""
+    from prores_megatron.core.init_schemes import _role_and_key
+
+    first = 4  # this rank holds experts 4.. (EP rank 1 of 2 with 4 local experts)
+    assert _role_and_key("mlp.experts.local_experts.3.linear_fc2.weight", first) == \
+        ("out", "mlp.experts.7.linear_fc2.weight")
+    assert _role_and_key("mlp.experts.linear_fc2.weight3", first) == ("out", "mlp.experts.7.linear_fc2.weight")
+    assert _role_and_key("mlp.experts.linear_fc1.weight0", first) == ("fc1", "mlp.experts.4.linear_fc1.weight")
+    assert _role_and_key("mlp.shared_experts.linear_fc2.weight", first)[0] == "out"
+    assert _role_and_key("mlp.router.weight", first)[0] == "router"
+    assert _role_and_key("mlp.shared_experts.gate_weight", first)[0] is None  # refused by apply_init

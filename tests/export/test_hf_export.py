@@ -393,6 +393,18 @@ NOT_LLAMA = {
 }
 
 
+def test_start_step_shifts_the_folded_alpha(runs):
+    """A run with --prores-start-step 2 saved at iteration 3 folds alpha at t = 1: linear, T = 2."""
+    from prores_megatron.export.llama_layout import resolve_layout
+
+    args = saved_args(runs)
+    args.prores_start_step = 2
+    layout, notes = resolve_layout(args, MID)
+    assert layout.step == MID - 2
+    assert list(layout.alphas) == [min(1 / (T * l), 1.0) for l in range(1, L + 1)]  # 0.5, 0.25, 1/6, 0.125
+    assert any("--prores-start-step 2: alpha at t = 3 - 2 = 1" in n for n in notes)
+
+
 def test_layout_refuses_every_setting_llama_cannot_compute(runs):
     from prores_megatron.export.llama_layout import _UNSUPPORTED, ExportError, resolve_layout
 

@@ -8,7 +8,12 @@ import warnings
 
 import pytest
 
-from prores_megatron.training.arguments import ProResArgumentError, add_prores_args, validate_prores_args
+from prores_megatron.training.arguments import (
+    ProResArgumentError,
+    add_prores_args,
+    describe_prores_args,
+    validate_prores_args,
+)
 
 
 def parse(*flags, num_layers=12, train_iters=100000):
@@ -93,6 +98,10 @@ def test_arch_and_init_flags():
         (dict(sequence_parallel=True, transformer_impl="local"), "pre", "--sequence-parallel needs norms"),
         (dict(num_experts=8, transformer_impl="transformer_engine"), "post", "--prores-arch post supports dense MLPs only"),
         (dict(use_transformer_engine_op_fuser=True, transformer_impl="transformer_engine"), "lns", "--use-transformer-engine-op-fuser"),
+        (dict(heterogeneous_layers_config_path="h.json"), "sandwich", "--heterogeneous-layers-config-path"),
+        (dict(use_kitchen=True), "deepnorm", "--prores-arch deepnorm builds its norms .* drop --use-kitchen"),
+        (dict(use_grouped_gemm_for_dense_mlp=True), "post", "--use-grouped-gemm-for-dense-mlp"),
+        (dict(prores_start_step=-1), "pre", "--prores-start-step=-1 must be >= 0"),
     ],
 )
 def test_arch_combinations_refused(extra, arch, needle):
@@ -103,3 +112,16 @@ def test_arch_combinations_refused(extra, arch, needle):
         setattr(args, k, v)
     with pytest.raises(ProResArgumentError, match=needle):
         validate_prores_args(args)
+
+
+def test_start_step_and_mtp_are_described():
+    args = parse("--prores-warmup-steps", "5", "--prores-start-step", "100")
+    assert args.prores_start_step == 100
+    args.mtp_num_layers = 2
+    text = describe_prores_args(args)
+    # L = 12 (parse's default here), linear T = 5: every layer on at step 60, i.e. iteration 160.
+    assert "every layer at alpha = 1 from step 60 (t = iteration - 100: --prores-start-step 100, " \
+           "alpha = 1 from iteration 160)" in text
+    assert "the 2 MTP layer(s) (--mtp-num-layers) are prediction heads after the trunk" in text
+    assert "unscaled (alpha = 1)" in text
+    assert "MTP" not in describe_prores_args(parse("--prores-warmup-steps", "5"))
