@@ -172,3 +172,23 @@ def test_every_arch_trains_through_megatron_lm_at_pp2(tmp_path, arch, init):
     assert len(values) == 8 and all(v == v and abs(v) < 1e4 for v in values)
     assert values[-1] < values[0] - 0.1
     assert (tmp_path / "ckpt" / "iter_0000008").is_dir()  # torch_dist save of the arch's modules
+
+
+def test_moe_through_megatron_lm_at_alpha_zero(tmp_path):
+    """MoE (--moe-layer-freq: layers 2, 4, 6, 8) through the real loop, world size 1, monitor on.
+    At iteration 1 (t = 0, alpha = 0) a dense layer's gradient is exactly zero and an MoE layer's is
+    only its router's, from the load-balancing loss; from iteration 2 every layer learns."""
+    env = dict(os.environ, PYTHON=sys.executable, TP="1", PP="1", TRAIN_ITERS="3", SAVE_DIR=str(tmp_path / "ckpt"))
+    env["PRORES_ARGS"] = (f"--prores-schedule linear --prores-warmup-steps {T:g} --prores-monitor-interval 1 "
+                          "--prores-spike-window 4 --prores-spike-min-history 2")
+    env["EXTRA_ARGS"] = ("--num-experts 4 --moe-layer-freq ([0]+[1])*4 --moe-router-topk 2 --moe-ffn-hidden-size 64 "
+                         "--moe-aux-loss-coeff 0.01 --eval-interval 1000 --eval-iters 1 --save-interval 1000")
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    layers = {r["iteration"]: r for r in read_jsonl(tmp_path / "ckpt" / "prores_monitor.jsonl") if r["kind"] == "layers"}
+    first = layers[1]
+    assert first["alpha"] == [0.0] * L
+    for l, g in enumerate(first["grad_norm"], start=1):
+        assert (g > 0) == (l % 2 == 0), (l, first["grad_norm"])  # dense: 0; MoE: the router's
+    for iteration in (2, 3):
+        assert all(g > 0 for g in layers[iteration]["grad_norm"]), iteration
