@@ -10,6 +10,7 @@ Targets megatron-core 0.19.2.
 import torch
 from megatron.core import parallel_state
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.jit import jit_fuser
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
@@ -28,7 +29,7 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.utils import get_attr_wrapped_model
 
 __all__ = [  # re-exported: the other core modules reach megatron-core through these names
-    "parallel_state", "get_bias_dropout_add", "LocalSpecProvider", "get_gpt_layer_local_spec",
+    "parallel_state", "get_bias_dropout_add", "jit_fuser", "LocalSpecProvider", "get_gpt_layer_local_spec",
     "get_gpt_layer_with_transformer_engine_spec", "IdentityFuncOp", "IdentityOp", "MLPSubmodules", "MoELayer", "ModuleSpec",
     "build_module", "TransformerBlock", "TransformerBlockSubmodules", "BaseTransformerLayer", "TransformerLayer",
     "TransformerLayerSubmodules", "get_attr_wrapped_model", "MEGATRON_CORE_TARGET", "BDA_FIELDS",

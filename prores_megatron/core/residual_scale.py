@@ -6,8 +6,11 @@ Called like the stock BDA factory, ``module(training, fused)`` returns a functio
 for any dropout mask: docs/method.md §2's ``h + alpha * F(h)``, alpha never touching the skip path.
 
 alpha lives in a non-persistent 0-dim fp32 buffer (so checkpoints stay vanilla) that is only ever
-updated in place (so CUDA graphs and torch.compile see new values without re-capture). The module
-does not know its layer: ``set_prores_step`` fills it from the owning layer's global number.
+updated in place (so CUDA graphs and torch.compile see new values without re-capture), and that
+stays fp32 through ``.bfloat16()`` / ``Float16Module`` (as does LNS's 1/sqrt(l)): the branch is
+scaled in fp32 and rounded once (``scaled_bias_dropout_add``), so the export folds exactly the alpha
+the kernel used. At alpha = 1 megatron-core's own bias-dropout-add runs unchanged. The module does
+not know its layer: ``set_prores_step`` fills it from the owning layer's global number.
 """
 
 import functools
@@ -16,11 +19,31 @@ import torch
 
 from . import compat
 from .depth_scaling import lns_scale
+from .scaled_bias_dropout_add import get_scaled_bias_dropout_add
 from .schedules import check_schedule
 
 
-class ProResBiasDropoutAdd(torch.nn.Module):
+class _Fp32Buffers(torch.nn.Module):
+    """Keeps the buffers named in ``FP32_BUFFERS`` fp32 through ``.to()``, ``.half()``,
+    ``.bfloat16()`` and megatron-core's ``Float16Module``: they move with the module, but their
+    values are never rounded to the model's dtype (alpha = 0.9975 would become 0.99609375 in bf16)."""
+
+    FP32_BUFFERS = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: self._buffers[name] for name in self.FP32_BUFFERS if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, value in kept.items():
+            moved = self._buffers[name]
+            if moved.dtype != torch.float32:  # fn cast it: keep the fp32 value, on fn's device
+                self._buffers[name] = value.to(device=moved.device)
+        return self
+
+
+class ProResBiasDropoutAdd(_Fp32Buffers):
     """Bias-dropout-add whose branch input is scaled by alpha(layer, step) of one schedule."""
+
+    FP32_BUFFERS = ("alpha",)
 
     def __init__(self, schedule: str = "linear", warmup_steps=None):
         super().__init__()
@@ -58,8 +81,10 @@ class ProResBiasDropoutAdd(torch.nn.Module):
         return self._scaled_add(training, fused, rec)
 
     def _scaled_add(self, training, fused, rec):
-        """``residual + dropout(alpha * (x + bias))``, recording the branch before alpha."""
+        """``residual + alpha * dropout(x + bias)`` in fp32 (``scaled_bias_dropout_add``), recording
+        the branch before alpha; megatron-core's own function at alpha = 1."""
         bda = compat.get_bias_dropout_add(training, fused)
+        scaled = get_scaled_bias_dropout_add(training, fused)
         if self.alpha_value != self.alpha_value:
             raise RuntimeError(
                 "ProRes alpha was never set for this layer: call "
@@ -78,11 +103,7 @@ class ProResBiasDropoutAdd(torch.nn.Module):
                 rec.branch(x, bias)
             if unit:
                 return bda(x_with_bias, residual, prob)
-            scale = alpha.to(x.dtype)  # a tensor, never a Python float: keeps graphs valid
-            x = x * scale
-            if bias is not None:
-                bias = bias * scale
-            return bda((x, bias), residual, prob)
+            return scaled(x_with_bias, residual, prob, alpha)  # alpha: the fp32 buffer, never a float
 
         return scaled_bias_dropout_add
 
@@ -140,7 +161,7 @@ class ProResPostNormBiasDropoutAdd(_NormOwningBiasDropoutAdd):
         return super().extra_repr() + f", skip_scale={self.skip_scale:.6g}"
 
 
-class DepthScaledNorm(torch.nn.Module):
+class DepthScaledNorm(_Fp32Buffers):
     """LayerNorm Scaling's pre-norm: ``Norm(x) / sqrt(l)``, a fixed factor, never learned.
 
     Built by the layer like any norm (config, hidden_size, eps), so a spec holds a class, made per
@@ -149,6 +170,7 @@ class DepthScaledNorm(torch.nn.Module):
     """
 
     norm_class = None
+    FP32_BUFFERS = ("depth_scale",)
 
     def __init__(self, config, hidden_size, eps=1e-5, **_):
         super().__init__()
@@ -169,7 +191,8 @@ class DepthScaledNorm(torch.nn.Module):
                 "LayerNorm Scaling's 1/sqrt(l) was never bound: call "
                 "prores_megatron.set_prores_step(model, step) before the forward pass"
             )
-        return self.norm(x) * self.depth_scale.to(x.dtype)
+        out = self.norm(x)
+        return (out.float() * self.depth_scale).to(out.dtype)  # 1/sqrt(l) in fp32, rounded once
 
 
 @functools.lru_cache(maxsize=None)
