@@ -117,6 +117,12 @@ def check_prores_coverage(model, pp_group=None):
 
 def set_prores_step(model, step: int, check_coverage: bool = True) -> None:
     """Write alpha(l, step) into every ProRes layer of ``model`` (see module docstring)."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "set_prores_step was called while a CUDA graph is being captured: the alpha it writes "
+            "would be frozen at the capture step on every replay. Set alpha once per iteration before "
+            "the captured region (the Megatron-LM integration wraps train_step for this)"
+        )
     chunks = _chunks(model)
     if check_coverage and not all(getattr(c, "_prores_coverage_checked", False) for c in chunks):
         check_prores_coverage(chunks)

@@ -203,6 +203,12 @@ def _validate_monitor(args) -> None:
             f"--prores-spike-min-history={args.prores_spike_min_history} must be <= "
             f"--prores-spike-window={args.prores_spike_window}"
         )
+    graphs = getattr(args, "cuda_graph_impl", "none") or "none"
+    if getattr(args, "prores_monitor_interval", 0) > 0 and graphs != "none":
+        raise ProResArgumentError(
+            f"--prores-monitor-interval with --cuda-graph-impl {graphs}: a replayed graph skips the monitor's "
+            "recorders, so its activation statistics would be empty; monitor a run without CUDA graphs"
+        )
     if not getattr(args, "prores_spike_threshold", 7.0) > 0:
         raise ProResArgumentError(f"--prores-spike-threshold={args.prores_spike_threshold} must be > 0")
 

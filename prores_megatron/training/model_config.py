@@ -6,11 +6,15 @@ Contract: ``configure_model_config(model_cfg, args)`` takes the ``GPTModelConfig
 chunk gets a fresh copy), the ``--prores-init`` re-draw (a pre-wrap hook, before DDP and the
 bf16/fp16 wrapper), the coverage guard (a post-wrap hook: collective, while every rank is in
 step) and the resume check (``resume_check``: a warning when the checkpoint being resumed was
-trained with other ProRes settings). Together with ``set_prores_step(model, current_prores_step(args))`` at the top of the forward
-step this is the whole integration; ``prores_megatron.training.pretrain_gpt`` and the patch in ``patches/`` both
-use it. ``attach_monitor`` adds the optional ``--prores-monitor-interval`` monitor.
-Imports ``megatron.training`` lazily (inside functions), after the CPU shim.
+trained with other ProRes settings). It also wraps Megatron-LM's ``train_step`` so that alpha is
+written once per iteration, before the forward-backward pass and outside anything a CUDA graph
+captures, and logged (``set_alpha_per_iteration``). This is the whole integration;
+``prores_megatron.training.pretrain_gpt`` and the patch in ``patches/`` both use it.
+``attach_monitor`` adds the optional ``--prores-monitor-interval`` monitor. Imports
+``megatron.training`` lazily (inside functions), after the CPU shim.
 """
+
+import functools
 
 
 def prores_layer_spec_fn(args):
@@ -71,10 +75,38 @@ def coverage_hook(args):
     return hook
 
 
+def set_alpha_per_iteration(args):
+    """Set alpha once per training iteration, on the host, before ``forward_backward_func``, and log
+    it: Megatron-LM 0.19's ``train()`` looks ``train_step`` up as a module global every iteration,
+    so wrapping it reaches the loop. That is outside everything a CUDA graph captures
+    (``--cuda-graph-impl full_iteration`` captures ``forward_backward_func``; ``local`` and
+    ``transformer_engine`` capture layers), so every replay reads the current alpha buffer."""
+    from megatron.training import training
+
+    from ..core.stepping import set_prores_step
+    from .training_monitor import AlphaLogger
+
+    inner = training.train_step
+    if getattr(inner, "prores_args", None) is not None:
+        inner = inner.__wrapped__  # configured again (a second model config in one process)
+    log_alpha = AlphaLogger(args)
+
+    @functools.wraps(inner)
+    def train_step(forward_step_func, data_iterator, model, *rest, **kwargs):
+        step = current_prores_step(args)
+        set_prores_step(model, step, check_coverage=False)
+        log_alpha(args.curr_iteration, step)
+        return inner(forward_step_func, data_iterator, model, *rest, **kwargs)
+
+    train_step.prores_args = args
+    training.train_step = train_step
+
+
 def configure_model_config(model_cfg, args):
     """Plug ProRes into ``model_cfg`` (see module docstring); returns it."""
     from .resume_check import resume_check_hook
 
+    set_alpha_per_iteration(args)
     model_cfg.transformer_layer_spec = prores_layer_spec_fn(args)
     model_cfg.pre_wrap_hooks = [*model_cfg.pre_wrap_hooks, init_hook(args)]
     model_cfg.post_wrap_hooks = [*model_cfg.post_wrap_hooks, coverage_hook(args), resume_check_hook(args)]

@@ -3,8 +3,9 @@
 Contract: takes every Megatron-LM ``pretrain_gpt.py`` flag plus the ``--prores-*`` flags, and runs
 Megatron-LM's own ``pretrain()`` loop (megatron-core 0.19 calling convention) with the ProRes layer
 spec. alpha is set from ``args.curr_iteration`` (completed optimizer steps, restored from the
-checkpoint on resume; minus ``--prores-start-step``) at the top of every forward step, so recompute, micro-batches and every rank
-see the same value; the coverage guard runs once, collectively, right after the model is built.
+checkpoint on resume; minus ``--prores-start-step``) once per iteration before the forward-backward
+pass, so recompute, micro-batches, graph replays and every rank see the same value; the coverage
+guard runs once, collectively, right after the model is built.
 Data: ``--data-path`` indexed datasets or ``--mock-data``. On a machine without CUDA the CPU shim is
 installed first (gloo; see ``cpu_shim``); ``megatron.training`` is imported inside functions, after it.
 """
@@ -15,7 +16,7 @@ from functools import partial
 import torch
 
 from .arguments import ProResArgumentError, add_prores_args, describe_prores_args, validate_prores_args
-from .model_config import attach_monitor, configure_model_config, current_prores_step
+from .model_config import attach_monitor, configure_model_config
 
 
 def get_batch(data_iterator, vp_stage=None):
@@ -66,24 +67,15 @@ def loss_func(loss_mask, output_tensor):
 
 
 def make_forward_step(args, monitor=None):
-    from ..core.stepping import set_prores_step
-    from .training_monitor import AlphaLogger
-
-    log_alpha = AlphaLogger(args)
+    """Megatron's forward step. It does not touch alpha: ``configure_model_config`` sets it once per
+    iteration before the forward-backward pass, outside anything a CUDA graph captures."""
 
     def forward_step(data_iterator, model):
         from megatron.core.utils import get_attr_wrapped_model
         from megatron.training import get_args, get_timers
 
-        args = get_args()
-        completed = args.curr_iteration  # completed optimizer steps; restored on resume
-        step = current_prores_step(args)  # t = completed - --prores-start-step
-        # Per micro-batch and chunk, but a no-op after the first: alpha changes only between steps.
-        set_prores_step(model, step, check_coverage=False)
-        if model.training:
-            log_alpha(completed, step)
         if monitor is not None:
-            monitor.before_forward(completed, model.training)
+            monitor.before_forward(get_args().curr_iteration, model.training)
         timers = get_timers()
         timers("batch-generator", log_level=2).start()
         vp_stage = get_attr_wrapped_model(model, "vp_stage")

@@ -283,3 +283,17 @@ def test_vanilla_and_prores_checkpoints_load_into_each_other(tmp_path):
     dist_checkpointing.save(dst.sharded_state_dict(), str(tmp_path / "b"))
     back.load_state_dict(dist_checkpointing.load(back.sharded_state_dict(), str(tmp_path / "b")), strict=True)
     assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), back.state_dict().values()) if torch.is_tensor(a))
+
+
+def test_set_prores_step_refuses_to_run_inside_a_cuda_graph_capture(monkeypatch):
+    """An alpha write captured in a graph would replay the capture step's alpha forever."""
+    from prores_megatron import set_prores_step
+
+    model = build(prores_spec())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="while a CUDA graph is being captured"):
+        set_prores_step(model, 3, check_coverage=False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    set_prores_step(model, 3, check_coverage=False)  # outside a capture it writes alpha
+    assert scales_by_layer(model)[L][0].alpha.item() == pytest.approx(min(3 / (2.0 * L), 1.0))

@@ -102,6 +102,8 @@ def test_arch_and_init_flags():
         (dict(use_kitchen=True), "deepnorm", "--prores-arch deepnorm builds its norms .* drop --use-kitchen"),
         (dict(use_grouped_gemm_for_dense_mlp=True), "post", "--use-grouped-gemm-for-dense-mlp"),
         (dict(prores_start_step=-1), "pre", "--prores-start-step=-1 must be >= 0"),
+        (dict(prores_monitor_interval=5, cuda_graph_impl="full_iteration"), "pre",
+         "--prores-monitor-interval with --cuda-graph-impl full_iteration: a replayed graph skips"),
     ],
 )
 def test_arch_combinations_refused(extra, arch, needle):
