@@ -23,6 +23,10 @@ from .scaled_bias_dropout_add import get_scaled_bias_dropout_add
 from .schedules import check_schedule
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class _Fp32Buffers(torch.nn.Module):
     """Keeps the buffers named in ``FP32_BUFFERS`` fp32 through ``.to()``, ``.half()``,
     ``.bfloat16()`` and megatron-core's ``Float16Module``: they move with the module, but their
@@ -92,9 +96,12 @@ class ProResBiasDropoutAdd(_Fp32Buffers):
                 "(the Megatron-LM entry point does this every iteration)"
             )
         unit = self.alpha_value == 1.0
-        if unit and rec is None:
-            # Exact fast path: a multiply by 1.0 changes nothing in IEEE arithmetic (doc §4.6).
+        if unit and rec is None and not _capturing():
+            # Exact fast path: a multiply by 1.0 changes nothing in IEEE arithmetic (docs/method.md
+            # §4.6). Never while a CUDA graph is captured: the graph must read the alpha buffer, so
+            # that a later alpha < 1 (a resume with another schedule) still applies on replay.
             return bda
+        unit = unit and not _capturing()
         alpha = self.alpha
 
         def scaled_bias_dropout_add(x_with_bias, residual, prob):

@@ -122,3 +122,43 @@ def test_alpha_and_lns_factor_stay_fp32_through_float16module(mcore_world1):
     x, b, r = inputs(torch.bfloat16, bias=False, seed=1)
     got = module(False, False)((x, None), r, 0.0)
     assert torch.equal(got, (r.float() + f32(399 / 400) * x.float()).bfloat16())
+
+
+def test_a_closure_built_below_one_equals_stock_once_alpha_reaches_one():
+    """The per-call function reads the buffer: built at alpha = 0.5, it is megatron-core's own
+    bias-dropout-add, bit for bit (fp32), once alpha is 1."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+    from prores_megatron.core.residual_scale import ProResBiasDropoutAdd
+
+    module = ProResBiasDropoutAdd("linear", 4.0)
+    module.set_alpha(0.5)
+    fn = module(False, False)
+    x, b, r = inputs(torch.float32)
+    assert torch.equal(fn((x, b), r, 0.0), r + 0.5 * (x + b))
+    module.set_alpha(1.0)
+    stock = get_bias_dropout_add(False, False)((x.clone(), b.clone()), r.clone(), 0.0)
+    assert torch.equal(fn((x, b), r, 0.0), stock)
+
+
+def test_a_graph_captured_at_alpha_one_still_reads_the_buffer(monkeypatch):
+    """While a CUDA graph is captured the alpha = 1 fast path is not taken: the captured function
+    multiplies by the buffer, so a later alpha < 1 (a resume with another T) applies on replay."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+    from prores_megatron.core.residual_scale import ProResBiasDropoutAdd
+
+    module = ProResBiasDropoutAdd("linear", 4.0)
+    module.set_alpha(1.0)
+    x, b, r = inputs(torch.float32)
+    eager = module(False, False)  # the fast path: megatron-core's function, which ignores the buffer
+    module.alpha.fill_(0.25)
+    assert torch.equal(eager((x.clone(), b.clone()), r.clone(), 0.0),
+                       get_bias_dropout_add(False, False)((x.clone(), b.clone()), r.clone(), 0.0))
+    module.alpha.fill_(1.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    captured = module(False, False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    module.alpha.fill_(0.25)  # what set_prores_step writes before a replay
+    assert torch.equal(captured((x, b), r, 0.0), r + 0.25 * (x + b))
