@@ -95,13 +95,12 @@ class ProResBiasDropoutAdd(_Fp32Buffers):
                 "prores_megatron.set_prores_step(model, step) before the forward pass "
                 "(the Megatron-LM entry point does this every iteration)"
             )
-        unit = self.alpha_value == 1.0
-        if unit and rec is None and not _capturing():
+        unit = self.alpha_value == 1.0 and not _capturing()
+        if unit and rec is None:
             # Exact fast path: a multiply by 1.0 changes nothing in IEEE arithmetic (docs/method.md
             # §4.6). Never while a CUDA graph is captured: the graph must read the alpha buffer, so
             # that a later alpha < 1 (a resume with another schedule) still applies on replay.
             return bda
-        unit = unit and not _capturing()
         alpha = self.alpha
 
         def scaled_bias_dropout_add(x_with_bias, residual, prob):
