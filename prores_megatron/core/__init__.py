@@ -13,7 +13,8 @@ _EXPORTS = {
         "check_warmup_steps", "layer_full_step", "prores_step", "needs_warmup_steps", "total_warmup_steps",
         "warmup_steps_from_total")},
     **{name: "depth_scaling" for name in ("ARCHS", "INITS")},
-    **{name: "alpha_plan" for name in ("AlphaPlan", "alpha_plan", "format_alpha_plan")},
+    # Not "alpha_plan" itself: that name is the submodule's (import it from core.alpha_plan).
+    **{name: "alpha_plan" for name in ("AlphaPlan", "format_alpha_plan")},
     "PIPELINE_FLAGS": "pipeline_flags",
     **{name: "residual_scale" for name in ("ProResBiasDropoutAdd", "DepthScaledNorm")},
     **{name: "layer_spec" for name in ("get_prores_layer_spec", "with_prores", "TRANSFORMER_IMPLS")},

@@ -56,6 +56,9 @@ class ProResBiasDropoutAdd(_Fp32Buffers):
         unset = 1.0 if self.schedule == "none" else float("nan")
         self.register_buffer("alpha", torch.tensor(unset, dtype=torch.float32), persistent=False)
         self.alpha_value = unset  # host mirror: no device sync to read it
+        # Off under CUDA graphs (set_prores_step reads the layer's cuda_graph_impl): the eager warm-up
+        # then compiles and runs the very function the graph captures, which reads the alpha buffer.
+        self.fast_path = True
         self.recorder = None  # armed by prores_megatron.monitoring.layer_stats
         self.record_in_eval = False
 
@@ -95,7 +98,7 @@ class ProResBiasDropoutAdd(_Fp32Buffers):
                 "prores_megatron.set_prores_step(model, step) before the forward pass "
                 "(the Megatron-LM entry point does this every iteration)"
             )
-        unit = self.alpha_value == 1.0 and not _capturing()
+        unit = self.alpha_value == 1.0 and self.fast_path and not _capturing()
         if unit and rec is None:
             # Exact fast path: a multiply by 1.0 changes nothing in IEEE arithmetic (docs/method.md
             # §4.6). Never while a CUDA graph is captured: the graph must read the alpha buffer, so

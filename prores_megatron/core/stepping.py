@@ -137,6 +137,8 @@ def set_prores_step(model, step: int, check_coverage: bool = True) -> None:
             for norm in (getattr(layer, "input_layernorm", None), getattr(layer, "pre_mlp_layernorm", None)):
                 if isinstance(norm, DepthScaledNorm) and norm.layer_number != layer.layer_number:
                     norm.bind_layer(layer.layer_number)
+            graphs = getattr(layer.config, "cuda_graph_impl", "none") not in (None, "none")
             for scale in scales:
+                scale.fast_path = not graphs
                 scale.set_alpha(alpha(scale.schedule, layer.layer_number, step, scale.warmup_steps, L))
         chunk._prores_step = step

@@ -180,6 +180,11 @@ def _validate_arch(args) -> None:
             "local (torch) norms cannot: use --transformer-impl transformer_engine, or drop "
             "--sequence-parallel"
         )
+    if getattr(args, "prores_init", "megatron") != "megatron" and getattr(args, "mtp_num_layers", None):
+        raise ProResArgumentError(
+            f"--prores-init {args.prores_init} re-draws decoder layers 1..L and the embedding/output layer, "
+            "but has no rules for the MTP layers (--mtp-num-layers): use --prores-init megatron with MTP"
+        )
     if args.prores_arch == "pre":
         return
     for attr, flag, why in _PRE_ONLY_FLAGS:

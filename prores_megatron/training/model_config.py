@@ -75,31 +75,53 @@ def coverage_hook(args):
     return hook
 
 
-def set_alpha_per_iteration(args):
-    """Set alpha once per training iteration, on the host, before ``forward_backward_func``, and log
-    it: Megatron-LM 0.19's ``train()`` looks ``train_step`` up as a module global every iteration,
-    so wrapping it reaches the loop. That is outside everything a CUDA graph captures
-    (``--cuda-graph-impl full_iteration`` captures ``forward_backward_func``; ``local`` and
-    ``transformer_engine`` capture layers), so every replay reads the current alpha buffer."""
+def _wrap_training_function(name, make_wrapper):
+    """Replace ``megatron.training.training.<name>`` with ``make_wrapper(inner)``. Megatron-LM 0.19
+    has no per-iteration callback, but ``pretrain()`` and ``train()`` look these functions up as
+    module globals at every call, so a replacement reaches the loop. Configuring again (a second
+    model config in one process) replaces our earlier wrapper instead of stacking on it."""
     from megatron.training import training
 
+    inner = getattr(training, name)
+    inner = getattr(inner, "prores_inner", inner)
+    wrapper = functools.wraps(inner)(make_wrapper(inner))
+    wrapper.prores_inner = inner
+    setattr(training, name, wrapper)
+
+
+def set_alpha_per_iteration(args):
+    """Set alpha on the host outside everything a CUDA graph captures (``--cuda-graph-impl
+    full_iteration`` captures ``forward_backward_func``; ``local`` and ``transformer_engine`` capture
+    layers), so every replay reads the current alpha buffer:
+    - before each ``train_step``: t = ``current_prores_step(args)``, also logged (``AlphaLogger``);
+    - before each ``evaluate_and_print_results``: the alpha of the last completed step, t = iteration
+      - 1 - start step, as evaluation during training has it; so ``--skip-train`` and a relaunch
+      after the last iteration evaluate the checkpoint's model, not alpha(l, 0)."""
+    from ..core.schedules import prores_step
     from ..core.stepping import set_prores_step
     from .training_monitor import AlphaLogger
 
-    inner = training.train_step
-    if getattr(inner, "prores_args", None) is not None:
-        inner = inner.__wrapped__  # configured again (a second model config in one process)
     log_alpha = AlphaLogger(args)
 
-    @functools.wraps(inner)
-    def train_step(forward_step_func, data_iterator, model, *rest, **kwargs):
-        step = current_prores_step(args)
-        set_prores_step(model, step, check_coverage=False)
-        log_alpha(args.curr_iteration, step)
-        return inner(forward_step_func, data_iterator, model, *rest, **kwargs)
+    def around_train_step(inner):
+        def train_step(forward_step_func, data_iterator, model, *rest, **kwargs):
+            step = current_prores_step(args)
+            set_prores_step(model, step, check_coverage=False)
+            log_alpha(args.curr_iteration, step)
+            return inner(forward_step_func, data_iterator, model, *rest, **kwargs)
 
-    train_step.prores_args = args
-    training.train_step = train_step
+        return train_step
+
+    def around_evaluation(inner):
+        def evaluate_and_print_results(prefix, forward_step_func, data_iterator, model, iteration, *rest, **kwargs):
+            step = prores_step(max(int(iteration) - 1, 0), getattr(args, "prores_start_step", 0))
+            set_prores_step(model, step, check_coverage=False)
+            return inner(prefix, forward_step_func, data_iterator, model, iteration, *rest, **kwargs)
+
+        return evaluate_and_print_results
+
+    _wrap_training_function("train_step", around_train_step)
+    _wrap_training_function("evaluate_and_print_results", around_evaluation)
 
 
 def configure_model_config(model_cfg, args):
@@ -127,17 +149,16 @@ def attach_monitor(model_cfg, args):
 
 
 def _wrap_training_log(monitor):
-    """Megatron-LM 0.19 has no per-iteration callback; training_log sees every iteration's loss
-    and grad norm, and train() looks it up as a module global, so wrapping it reaches the loop."""
-    from megatron.training import training
+    """training_log sees every iteration's loss and grad norm: the monitor reads them there."""
 
-    inner = training.training_log
+    def around_training_log(inner):
+        def training_log(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
+                         report_memory_flag, skipped_iter, grad_norm, *args, **kwargs):
+            out = inner(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
+                        report_memory_flag, skipped_iter, grad_norm, *args, **kwargs)
+            monitor.on_training_log(loss_dict, learning_rate, iteration, grad_norm, skipped_iter)
+            return out
 
-    def training_log(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
-                     report_memory_flag, skipped_iter, grad_norm, *args, **kwargs):
-        out = inner(loss_dict, total_loss_dict, learning_rate, iteration, loss_scale,
-                    report_memory_flag, skipped_iter, grad_norm, *args, **kwargs)
-        monitor.on_training_log(loss_dict, learning_rate, iteration, grad_norm, skipped_iter)
-        return out
+        return training_log
 
-    training.training_log = training_log
+    _wrap_training_function("training_log", around_training_log)

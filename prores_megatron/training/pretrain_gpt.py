@@ -74,8 +74,8 @@ def make_forward_step(args, monitor=None):
         from megatron.core.utils import get_attr_wrapped_model
         from megatron.training import get_args, get_timers
 
-        if monitor is not None:
-            monitor.before_forward(get_args().curr_iteration, model.training)
+        if monitor is not None and model.training:
+            monitor.before_forward(get_args().curr_iteration, True)
         timers = get_timers()
         timers("batch-generator", log_level=2).start()
         vp_stage = get_attr_wrapped_model(model, "vp_stage")

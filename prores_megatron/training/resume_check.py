@@ -77,7 +77,10 @@ def resume_check_hook(args):
         import torch
 
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            message = resume_changes(args)
+            try:
+                message = resume_changes(args)
+            except Exception as err:  # only rank 0 reads: an error here must not leave the others hanging
+                message = f"WARNING: ProRes could not compare its settings with the checkpoint's ({err!r})"
             if message:
                 print(message, flush=True)
         return model_chunks

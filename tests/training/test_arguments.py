@@ -102,6 +102,7 @@ def test_arch_and_init_flags():
         (dict(use_kitchen=True), "deepnorm", "--prores-arch deepnorm builds its norms .* drop --use-kitchen"),
         (dict(use_grouped_gemm_for_dense_mlp=True), "post", "--use-grouped-gemm-for-dense-mlp"),
         (dict(prores_start_step=-1), "pre", "--prores-start-step=-1 must be >= 0"),
+        (dict(prores_init="ds", mtp_num_layers=1), "pre", "--prores-init ds .* no rules for the MTP layers"),
         (dict(prores_monitor_interval=5, cuda_graph_impl="full_iteration"), "pre",
          "--prores-monitor-interval with --cuda-graph-impl full_iteration: a replayed graph skips"),
     ],
