@@ -3,11 +3,11 @@
 Contract: from a run's ``--save`` directory (``--checkpoints``; torch_dist ``iter_*`` checkpoints
 of any TP/PP layout) and one fixed batch (``--tokens`` file of token ids [batch, seq], or random
 tokens from ``--seed``), every selected checkpoint is loaded into the unsplit model
-(``checkpoint_model``) with alpha set to its iteration (the completed optimizer steps), run forward
+(``model_from_checkpoint``) with alpha set to its iteration (the completed optimizer steps), run forward
 once while ``monitor.capture_branch_outputs`` keeps each layer's raw branch outputs, and compared
 with the reference checkpoint (default: the latest): per layer l, the mean over tokens of
 cos(u_l, u_l_ref) with u_l = A_l + M_l before alpha (docs/method.md §8, paper Fig. 4;
-``layer_cosine``). The same pass gives the activation norm across depth on that batch (mean
+``token_stats``). The same pass gives the activation norm across depth on that batch (mean
 per-token L2 norm of each layer's output). Writes to ``--out``: ``cosine.csv``,
 ``activation_norm.csv``, ``cosine.md`` (both tables, rows = layers), ``cosine.png`` and
 ``activation_norm_checkpoints.png``.

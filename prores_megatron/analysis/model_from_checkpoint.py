@@ -5,7 +5,7 @@ Contract:
   model parallelism 1 x 1; installs the CPU shim first when CUDA is unavailable. Idempotent.
 - ``build_model(args, device)``: the run's model from its saved Megatron arguments, built the way
   the training entry point builds it (``gpt_config_from_args`` + the ProRes layer spec of
-  ``megatron_lm`` + megatron-core's ``GPTModelBuilder``), but unsplit (TP = PP = 1) and without a
+  ``training.model_config`` + megatron-core's ``GPTModelBuilder``), but unsplit (TP = PP = 1) and without a
   weight initialisation (the weights come from a checkpoint). On CPU it uses the local (torch)
   layers and no CUDA fusions; a Transformer Engine checkpoint loads into them (same tensor names).
   A run without ProRes flags gets schedule ``none`` (alpha = 1), i.e. the plain model.

@@ -1,9 +1,9 @@
 """Command line for the Hugging Face export: ``prores-megatron-convert-to-hf CHECKPOINT OUTPUT [flags]``
 (also ``python tools/convert_to_hf.py``).
 
-Contract: parses flags, calls ``hf_export.export_to_hf`` and maps its refusals to exit status 2
+Contract: parses flags, calls ``exporter.export_to_hf`` and maps its refusals to exit status 2
 with a one-line ``error:`` message (naming the flag or file); Ctrl-C or SIGTERM exit 130/143 after
-the export has removed its temporary directory. All the work and every check live in ``hf_export``.
+the export has removed its temporary directory. All the work and every check live in ``exporter``.
 """
 
 import argparse

@@ -5,7 +5,7 @@ force=False, max_shard_size="5GB", log=print) -> dict`` (a summary).
 
 1. Preflight, before anything is written: the checkpoint is opened and validated (layout, saved
    arguments, every shard file present and complete; ``checkpoint.reader``), the Llama layout is
-   resolved from its saved arguments and the overrides (``hf_layout``), every model tensor's name
+   resolved from its saved arguments and the overrides (``llama_layout``), every model tensor's name
    and shape is checked against that layout, the tokenizer model and the output path are checked,
    and the config is validated by ``transformers.LlamaConfig``. Any problem raises ``ExportError``
    (or ``CheckpointError``) naming the flag or file.

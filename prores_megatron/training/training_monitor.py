@@ -79,7 +79,7 @@ def monitor_path(args) -> str:
 
 
 class TrainingMonitor:
-    """Glue between the Megatron-LM loop and ``monitor`` (see module docstring)."""
+    """Glue between the Megatron-LM loop and ``monitoring.layer_stats`` (see module docstring)."""
 
     def __init__(self, args):
         self.args = args
