@@ -1,17 +1,20 @@
-"""Overhead of ProRes: step time and activation memory, ProRes mid-warmup vs ``--prores-schedule none``.
+"""Overhead of ProRes against megatron-core's stock layer: step time and activation memory.
 
-Builds two identical megatron-core GPT models (same weights, same batches) in one process, one with
-a mid-warmup ProRes schedule (every alpha strictly between 0 and 1, so the multiply runs) and one
-with ``none`` (alpha == 1: the stock bias-dropout-add), and times full forward+backward+SGD steps
-interleaved A/B/A/B so drift hits both equally. Prints medians and the ratio ProRes / none.
+Builds identical megatron-core GPT models (same weights, same batches) in one process: the stock
+local layer spec (no ProRes at all), ProRes mid-warmup (every alpha strictly between 0 and 1, so the
+scaled fp32 bias-dropout-add runs) and ProRes after the warmup (alpha == 1: the stock
+bias-dropout-add again), with bias-dropout fusion on as in Megatron-LM's default (``--no-fusion``
+turns it off). It times full forward+backward+SGD steps in rounds, every variant once per round in a
+rotating order so drift hits all alike, and prints each ratio to stock as the median of the
+per-round ratios with a 95 % bootstrap interval over rounds.
 
 Memory: on CUDA, peak allocated bytes per step; on CPU (no allocator statistics), the bytes autograd
 keeps for backward (the activation memory), counted with saved-tensor hooks.
-Targets (issue 7): step time <= 1.005x, memory <= 1.001x. Also the depth monitor's cost: the ProRes
-model's step with ``prores_megatron.monitoring.layer_stats`` disarmed (an off-interval iteration) and armed (a
-monitoring iteration, statistics accumulated in every residual), against the same model's plain step.
+Targets: step time <= 1.005x, memory <= 1.001x. Also the depth monitor's cost: the mid-warmup model's
+step with ``prores_megatron.monitoring.layer_stats`` armed (a monitoring iteration, statistics
+accumulated in every residual) against its plain (off-interval) step.
 
-    python benchmarks/bench_overhead.py [--layers 32 --hidden 256 --seq 256 --batch 8 --steps 30]
+    python benchmarks/bench_overhead.py [--layers 32 --hidden 256 --seq 256 --batch 8 --steps 30 --no-fusion]
 """
 
 import argparse
@@ -25,29 +28,46 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def build(args, schedule, device):
+VARIANTS = ("stock", "prores_mid", "prores_on")
+
+
+def build(args, variant, device):
     import torch.nn.functional as F
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from prores_megatron import get_prores_layer_spec, set_prores_step
+    from prores_megatron import set_prores_step, with_prores
 
     cfg = TransformerConfig(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
         ffn_hidden_size=args.hidden * 8 // 3 // 8 * 8, normalization="RMSNorm", gated_linear_unit=True,
         activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
-        use_cpu_initialization=True, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        use_cpu_initialization=True, bias_dropout_fusion=args.fusion, masked_softmax_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
         bias_activation_fusion=False, params_dtype=torch.float32,
     )
     torch.manual_seed(0)
-    spec = get_prores_layer_spec("local", schedule=schedule, warmup_steps=1000.0 if schedule != "none" else None)
+    stock = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = stock if variant == "stock" else with_prores(stock, schedule="linear", warmup_steps=1000.0)
     model = GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=args.vocab,
                      max_sequence_length=args.seq, position_embedding_type="rope",
                      share_embeddings_and_output_weights=False).to(device)
-    # Mid-warmup: at step 500 with T = 1000 every layer has 0 < alpha <= 0.5 (linear).
-    set_prores_step(model, 500 if schedule != "none" else 0)
+    if variant != "stock":
+        # Mid-warmup: at step 500 with T = 1000 every layer has 0 < alpha <= 0.5 (linear); after the
+        # warmup (step T*L) every alpha is 1.
+        set_prores_step(model, 500 if variant == "prores_mid" else 1000 * args.layers)
     return model
+
+
+def ratio_with_interval(num, den, rounds=2000, seed=0):
+    """Median of the per-round ratios num/den and its 95 % bootstrap interval over rounds."""
+    import random
+
+    ratios = [a / b for a, b in zip(num, den)]
+    rng = random.Random(seed)
+    boots = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(rounds))
+    return statistics.median(ratios), boots[int(0.025 * rounds)], boots[int(0.975 * rounds) - 1]
 
 
 class SavedBytes:
@@ -94,32 +114,34 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=30, help="timed steps per model (after 3 warm-up steps)")
+    p.add_argument("--steps", type=int, default=30, help="timed rounds (after 3 warm-up rounds)")
+    p.add_argument("--no-fusion", dest="fusion", action="store_false",
+                   help="bias-dropout fusion off (Megatron-LM's --no-bias-dropout-fusion)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     from prores_megatron.analysis.model_from_checkpoint import init_world1
 
     init_world1("cuda" if torch.cuda.is_available() else "cpu", seed=1)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    models = {name: build(args, name, device) for name in ("linear", "none")}
-    opts = {name: torch.optim.SGD(m.parameters(), lr=1e-4) for name, m in models.items()}
+    models = {name: build(args, name, device) for name in VARIANTS}
+    opts = {name: torch.optim.SGD(m.parameters(), lr=0.0) for name, m in models.items()}  # weights stay equal
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)
     labels = torch.roll(tokens, -1, dims=1)
     positions = torch.arange(args.seq, device=device).expand(args.batch, args.seq)
     from prores_megatron.monitoring.layer_stats import LayerMonitor
 
-    monitor = LayerMonitor(models["linear"])
-    times = {name: [] for name in (*models, "monitored")}
-    memory = {name: [] for name in (*models, "monitored")}
+    monitor = LayerMonitor(models["prores_mid"])
+    names = [*VARIANTS, "monitored"]
+    times = {name: [] for name in names}
+    memory = {name: [] for name in names}
     for i in range(args.steps + 3):
-        order = ["linear", "none", "monitored"]
-        order = order[i % 3:] + order[:i % 3]  # rotate, so drift hits every variant alike
+        order = names[i % len(names):] + names[:i % len(names)]  # rotate, so drift hits every variant alike
         for name in order:
-            model = models["linear" if name == "monitored" else name]
+            base = "prores_mid" if name == "monitored" else name
             if name == "monitored":
                 monitor.start()
-            elapsed, mem = step(model, opts["linear" if name == "monitored" else name], tokens, positions, labels, device)
+            elapsed, mem = step(models[base], opts[base], tokens, positions, labels, device)
             if name == "monitored":
                 monitor.stop()
             if i >= 3:
@@ -129,14 +151,19 @@ def main(argv=None):
     mem = {name: max(v) for name, v in memory.items()}
     what = "peak allocated (CUDA)" if device.type == "cuda" else "autograd-saved bytes (CPU)"
     print(f"device: {device} ({torch.get_num_threads()} threads); model: {args.layers} layers, hidden "
-          f"{args.hidden}, seq {args.seq}, batch {args.batch}; {args.steps} interleaved steps each")
-    print(f"step time median: ProRes {med['linear'] * 1e3:.2f} ms, none {med['none'] * 1e3:.2f} ms, "
-          f"ratio {med['linear'] / med['none']:.4f} (target <= 1.005)")
-    print(f"memory [{what}]: ProRes {mem['linear'] / 2**20:.3f} MiB, none {mem['none'] / 2**20:.3f} MiB, "
-          f"ratio {mem['linear'] / mem['none']:.5f} (target <= 1.001)")
-    print(f"depth monitor: monitoring iteration {med['monitored'] * 1e3:.2f} ms vs off-interval "
-          f"{med['linear'] * 1e3:.2f} ms, ratio {med['monitored'] / med['linear']:.4f}; an off-interval "
-          f"iteration runs the identical code path as monitoring off (one attribute test per residual)")
+          f"{args.hidden}, seq {args.seq}, batch {args.batch}; bias-dropout fusion "
+          f"{'on' if args.fusion else 'off'}; {args.steps} rounds, every variant once per round")
+    print(f"step time median: stock {med['stock'] * 1e3:.2f} ms, ProRes mid-warmup {med['prores_mid'] * 1e3:.2f} ms, "
+          f"ProRes alpha = 1 {med['prores_on'] * 1e3:.2f} ms")
+    for name, label in (("prores_mid", "mid-warmup"), ("prores_on", "alpha = 1")):
+        r, lo, hi = ratio_with_interval(times[name], times["stock"])
+        print(f"  ProRes {label} / stock: {r:.4f} (95 % interval {lo:.4f} .. {hi:.4f}; target <= 1.005)")
+    for name, label in (("prores_mid", "mid-warmup"), ("prores_on", "alpha = 1")):
+        print(f"memory [{what}] ProRes {label} / stock: {mem[name] / mem['stock']:.5f} "
+              f"({mem[name] / 2**20:.3f} vs {mem['stock'] / 2**20:.3f} MiB; target <= 1.001)")
+    r, lo, hi = ratio_with_interval(times["monitored"], times["prores_mid"])
+    print(f"depth monitor: monitoring iteration / off-interval iteration {r:.4f} (95 % interval {lo:.4f} .. "
+          f"{hi:.4f}); an off-interval iteration runs the same code path as monitoring off")
 
 
 if __name__ == "__main__":
