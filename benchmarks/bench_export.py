@@ -11,7 +11,10 @@ torch format, or takes ``--checkpoint`` instead, then for each checkpoint prints
   and the mark after the first tenth of the layers (no growth with depth: the ratio stays ~1),
   and the peak of a second export in the same process (the one-off allocator growth excluded);
 - throughput: export wall time (imports excluded) against a plain sequential read (16 MiB blocks) of every file of
-  the checkpoint, both with a warm page cache, so the ratio is the export's overhead over I/O.
+  the checkpoint, both with a warm page cache, so the ratio is the export's overhead over I/O;
+- the thread count: the export as shipped (its own ``threads=1`` for the copy loop, in a process
+  whose environment sets no thread count) against the same export on torch's default threads (one
+  per core), interleaved repeat by repeat.
 
 Run: ``$PRORES_PY benchmarks/bench_export.py [--layers 96] [--hidden 256] [--workdir DIR]``.
 """
@@ -38,7 +41,7 @@ def status_kib():
     return {k: int(v) for k, v in re.findall(r"(VmHWM|VmRSS):\s+(\d+) kB", text)}
 
 
-def _one_export(export_to_hf, checkpoint, output):
+def _one_export(export_to_hf, checkpoint, output, threads):
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = status_kib()["VmRSS"]
     marks = []  # high-water mark after each layer: flat after the first few = independent of depth
@@ -48,14 +51,15 @@ def _one_export(export_to_hf, checkpoint, output):
             marks.append((status_kib()["VmHWM"] - before) * 1024)
 
     t0 = time.perf_counter()
-    summary = export_to_hf(checkpoint, output, log=log)
+    summary = export_to_hf(checkpoint, output, log=log, threads=threads)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "peak_delta_bytes": (status_kib()["VmHWM"] - before) * 1024,
             "peak_at_tenth_bytes": marks[max(0, len(marks) // 10 - 1)], "written_bytes": summary["total_bytes"]}
 
 
-def measure(checkpoint, output):
-    """Child process: a first export (cold allocator), then a second one in the same process."""
+def measure(checkpoint, output, threads):
+    """Child process: a first export (cold allocator), then a second one in the same process.
+    ``threads``: "shipped" (the command's default) or "default" (torch's own, one per core)."""
     # Everything the export imports is imported before the baseline: the numbers are its data.
     import torch  # noqa: F401
     from megatron.core.safe_globals import register_safe_globals  # noqa: F401
@@ -67,8 +71,9 @@ def measure(checkpoint, output):
         Path("/proc/self/clear_refs").write_text("5")
     except OSError as err:
         sys.exit(f"cannot reset the memory high-water mark ({err}); Linux /proc is needed")
-    first = _one_export(export_to_hf, checkpoint, output)
-    second = _one_export(export_to_hf, checkpoint, output + ".again")
+    n = 1 if threads == "shipped" else torch.get_num_threads()
+    first = _one_export(export_to_hf, checkpoint, output, n)
+    second = _one_export(export_to_hf, checkpoint, output + ".again", n)
     first["warm_peak_delta_bytes"] = second["peak_delta_bytes"]
     first["seconds"] = min(first["seconds"], second["seconds"])
     print(json.dumps(first))
@@ -126,16 +131,19 @@ def bench(checkpoint, workdir, repeats):
     sequential_read(it_dir)  # warm the page cache for both measurements
     # The minimum over repeats: the machine may be shared, and contention only ever adds time.
     read_bytes, read_s = min((sequential_read(it_dir) for _ in range(repeats * 2)), key=lambda r: r[1])
-    runs = []
+    runs, default_threads = [], []
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     for k in range(repeats):
-        out = Path(tempfile.mkdtemp(dir=workdir)) / "hf"
-        proc = subprocess.run([sys.executable, __file__, "--measure", str(it_dir), str(out)],
-                              capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        if proc.returncode:
-            sys.exit(f"export failed:\n{proc.stderr[-3000:]}")
-        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        shutil.rmtree(out.parent)
+        for threads in ("shipped", "default"):
+            out = Path(tempfile.mkdtemp(dir=workdir)) / "hf"
+            proc = subprocess.run([sys.executable, __file__, "--measure", str(it_dir), str(out), threads],
+                                  capture_output=True, text=True, env=env)
+            if proc.returncode:
+                sys.exit(f"export failed:\n{proc.stderr[-3000:]}")
+            (runs if threads == "shipped" else default_threads).append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            shutil.rmtree(out.parent)
     best = min(runs, key=lambda r: r["seconds"])
+    best_default = min(r["seconds"] for r in default_threads)
     peak = max(r["peak_delta_bytes"] for r in runs)
     tenth = max(r["peak_at_tenth_bytes"] for r in runs)
     warm = max(r["warm_peak_delta_bytes"] for r in runs)
@@ -154,11 +162,13 @@ def bench(checkpoint, workdir, repeats):
     print(f"  export (read model tensors, fold, bf16, write {best['written_bytes'] / MiB:.0f} MiB): {best['seconds']:.2f} s "
           f"({sizes['model'] / MiB / best['seconds']:.0f} MiB/s of model)")
     print(f"    export time / sequential read time = {best['seconds'] / read_s:.2f}")
+    print(f"  torch's default threads ({os.cpu_count()} cores): {best_default:.2f} s = "
+          f"{best_default / best['seconds']:.2f} x the shipped single-thread copy loop")
 
 
 def main():
-    if len(sys.argv) == 4 and sys.argv[1] == "--measure":
-        return measure(sys.argv[2], sys.argv[3])
+    if len(sys.argv) == 5 and sys.argv[1] == "--measure":
+        return measure(sys.argv[2], sys.argv[3], sys.argv[4])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=96)
     p.add_argument("--hidden", type=int, default=256)

@@ -15,9 +15,17 @@ step with ``prores_megatron.monitoring.layer_stats`` armed (a monitoring iterati
 accumulated in every residual) against its plain (off-interval) step.
 
     python benchmarks/bench_overhead.py [--layers 32 --hidden 256 --seq 256 --batch 8 --steps 30 --no-fusion]
+
+On a GPU, the flagship layer shapes (``--shape 7b``: hidden 4096, 32 heads, FFN 11008, seq 4096;
+``--shape 120l``: hidden 2048, 16 heads, FFN 5632, seq 4096; micro-batch 1, a few layers, since the
+overhead is per layer) in bf16 through Megatron's ``Float16Module`` (``--dtype bf16``), with the
+Transformer Engine spec (``--spec te``) and FP8 (``--fp8 tensorwise|delayed``, hybrid format):
+
+    python benchmarks/bench_overhead.py --shape 7b --layers 4 --dtype bf16 --spec te [--fp8 tensorwise]
 """
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -29,30 +37,50 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 VARIANTS = ("stock", "prores_mid", "prores_on")
+# Layer shapes of the two launch scripts (examples/scripts/pretrain_{llama2_7b,120l}_prores.sh).
+SHAPES = {
+    "7b": dict(hidden=4096, heads=32, ffn=11008, seq=4096, batch=1),
+    "120l": dict(hidden=2048, heads=16, ffn=5632, seq=4096, batch=1),
+}
+
+
+def stock_spec(args):
+    if args.spec == "te":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
 def build(args, variant, device):
     import torch.nn.functional as F
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.module import Float16Module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from prores_megatron import set_prores_step, with_prores
 
+    bf16 = args.dtype == "bf16"
+    fp8 = {} if args.fp8 == "none" else dict(fp8="hybrid", fp8_recipe=args.fp8)
     cfg = TransformerConfig(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-        ffn_hidden_size=args.hidden * 8 // 3 // 8 * 8, normalization="RMSNorm", gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
-        use_cpu_initialization=True, bias_dropout_fusion=args.fusion, masked_softmax_fusion=False,
-        persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
-        bias_activation_fusion=False, params_dtype=torch.float32,
+        ffn_hidden_size=args.ffn or args.hidden * 8 // 3 // 8 * 8, normalization="RMSNorm",
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0,
+        attention_dropout=0.0, use_cpu_initialization=True, bias_dropout_fusion=args.fusion,
+        masked_softmax_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+        apply_rope_fusion=False, bias_activation_fusion=False, bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, **fp8,
     )
     torch.manual_seed(0)
-    stock = get_gpt_layer_local_spec(normalization="RMSNorm")
+    stock = stock_spec(args)
     spec = stock if variant == "stock" else with_prores(stock, schedule="linear", warmup_steps=1000.0)
     model = GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=args.vocab,
                      max_sequence_length=args.seq, position_embedding_type="rope",
                      share_embeddings_and_output_weights=False).to(device)
+    if bf16:
+        model = Float16Module(cfg, model)  # what Megatron-LM wraps a bf16 model in (casts buffers too)
     if variant != "stock":
         # Mid-warmup: at step 500 with T = 1000 every layer has 0 < alpha <= 0.5 (linear); after the
         # warmup (step T*L) every alpha is 1.
@@ -94,7 +122,8 @@ def step(model, opt, tokens, positions, labels, device):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     counter = SavedBytes()
-    with counter():
+    # CUDA has allocator statistics; the saved-tensor hooks would only add host work to time.
+    with counter() if device.type == "cpu" else contextlib.nullcontext():
         loss = model(tokens, positions, None, labels=labels).float().mean()
     loss.backward()
     opt.step()
@@ -108,16 +137,29 @@ def step(model, opt, tokens, positions, labels, device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), help="a flagship layer shape (overrides the sizes)")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=0, help="FFN size (default: 8/3 hidden, a multiple of 8)")
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--spec", choices=("local", "te"), default="local",
+                   help="megatron-core's local or Transformer Engine layer spec (te needs a GPU and TE)")
+    p.add_argument("--fp8", choices=("none", "tensorwise", "delayed"), default="none",
+                   help="FP8 (hybrid format) recipe; needs --spec te on an FP8-capable GPU")
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--steps", type=int, default=30, help="timed rounds (after 3 warm-up rounds)")
     p.add_argument("--no-fusion", dest="fusion", action="store_false",
                    help="bias-dropout fusion off (Megatron-LM's --no-bias-dropout-fusion)")
     args = p.parse_args(argv)
+    for key, value in SHAPES.get(args.shape, {}).items():
+        setattr(args, key, value)
+    if args.spec == "te" and not torch.cuda.is_available():
+        p.error("--spec te needs a GPU with Transformer Engine")
+    if args.fp8 != "none" and args.spec != "te":
+        p.error("--fp8 needs --spec te (FP8 runs through Transformer Engine)")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     from prores_megatron.analysis.model_from_checkpoint import init_world1
 
@@ -151,7 +193,8 @@ def main(argv=None):
     mem = {name: max(v) for name, v in memory.items()}
     what = "peak allocated (CUDA)" if device.type == "cuda" else "autograd-saved bytes (CPU)"
     print(f"device: {device} ({torch.get_num_threads()} threads); model: {args.layers} layers, hidden "
-          f"{args.hidden}, seq {args.seq}, batch {args.batch}; bias-dropout fusion "
+          f"{args.hidden}, FFN {models['stock'].config.ffn_hidden_size}, seq {args.seq}, batch {args.batch}; "
+          f"{args.dtype}, {args.spec} spec, FP8 {args.fp8}; bias-dropout fusion "
           f"{'on' if args.fusion else 'off'}; {args.steps} rounds, every variant once per round")
     print(f"step time median: stock {med['stock'] * 1e3:.2f} ms, ProRes mid-warmup {med['prores_mid'] * 1e3:.2f} ms, "
           f"ProRes alpha = 1 {med['prores_on'] * 1e3:.2f} ms")

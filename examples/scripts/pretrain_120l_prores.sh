@@ -4,7 +4,7 @@
 # Defaults: 8 nodes x 8 H100s = TP 2 (inside a node, with sequence parallel) x PP 8 (one stage per
 # node) x DP 4, three virtual stages per pipeline rank through an explicit
 # --pipeline-model-parallel-layout that gives the embedding and loss chunks fewer layers, FP8 (TE
-# delayed scaling) with bf16, distributed optimizer, selective recompute. Why this split, and where
+# current scaling by default, FP8_RECIPE) with bf16, distributed optimizer, selective recompute. Why this split, and where
 # the 120-layer shape meets Megatron-LM's limits: examples/scripts/README.md.
 #
 #   DRY_RUN=1 bash examples/scripts/pretrain_120l_prores.sh
@@ -22,6 +22,7 @@
 #   VPP                    --num-virtual-stages-per-pipeline-rank when PP_LAYOUT is empty
 #   MICRO_BATCH_SIZE (1), GLOBAL_BATCH_SIZE (512), TRAIN_ITERS (150000)
 #   PRORES_SCHEDULE (linear), PRORES_WARMUP_STEPS (500)
+#   FP8_RECIPE (tensorwise)     FP8 scaling: tensorwise (current), delayed, or none (bf16 only)
 #   EXTRA_ARGS             more flags, appended last          PYTHON  dry-run interpreter
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -77,10 +78,9 @@ TRAINING_ARGS=(
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
     --recompute-granularity selective  # core_attn (Megatron's default module)
 )
-DTYPE_ARGS=(
-    --bf16 --fp8-format hybrid --fp8-recipe delayed
-    --fp8-amax-history-len 1024 --fp8-amax-compute-algo max
-)
+# Precision from FP8_RECIPE (tensorwise by default; delayed, none): precision_lib.sh says why.
+source "$ROOT/examples/scripts/precision_lib.sh"
+prores_dtype_args
 MODEL_PARALLEL_ARGS=(
     --tensor-model-parallel-size "$TP" --sequence-parallel --pipeline-model-parallel-size "$PP"
 )

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Llama-2-7B-shaped pretraining with ProRes on H100s: Transformer Engine, FP8 (hybrid, delayed
-# scaling, 1024-step amax history) with bf16, TP=2 + sequence parallel, distributed optimizer with
+# Llama-2-7B-shaped pretraining with ProRes on H100s: Transformer Engine, FP8 (hybrid, current
+# (tensorwise) scaling by default, FP8_RECIPE) with bf16, TP=2 + sequence parallel, distributed optimizer with
 # overlapped grad reduce-scatter / param all-gather, selective recompute, torch_dist checkpoints,
 # TensorBoard. Run it on every node (torchrun, one process per GPU); defaults: 8 nodes x 8 GPUs.
 #
@@ -19,6 +19,7 @@
 #   TP (2), PP (1)              tensor / pipeline parallel sizes
 #   MICRO_BATCH_SIZE (1), GLOBAL_BATCH_SIZE (1024), TRAIN_ITERS (100000)
 #   PRORES_SCHEDULE (linear), PRORES_WARMUP_STEPS (1000: layer l reaches alpha = 1 at step 1000*l)
+#   FP8_RECIPE (tensorwise)     FP8 scaling: tensorwise (current), delayed, or none (bf16 only)
 #   EXTRA_ARGS                  more Megatron-LM / ProRes flags, appended last (they win)
 #   PYTHON                      dry-run interpreter (default: the project environment)
 set -euo pipefail
@@ -67,13 +68,9 @@ TRAINING_ARGS=(
     # output; costs one extra attention forward per layer (~4 % of the FLOPs at seq 4096).
     --recompute-granularity selective
 )
-# FP8 as in Megatron-LM's Llama recipes: TE delayed scaling, E4M3 forward / E5M2 backward, scales
-# from the max amax of the last 1024 steps. How it meets alpha = 0 branches (zero gradients into
-# linear_proj/fc2 early on) is still to be checked on a GPU (examples/scripts/README.md).
-DTYPE_ARGS=(
-    --bf16 --fp8-format hybrid --fp8-recipe delayed
-    --fp8-amax-history-len 1024 --fp8-amax-compute-algo max
-)
+# Precision from FP8_RECIPE (tensorwise by default; delayed, none): precision_lib.sh says why.
+source "$ROOT/examples/scripts/precision_lib.sh"
+prores_dtype_args
 MODEL_PARALLEL_ARGS=(
     --tensor-model-parallel-size "$TP" --sequence-parallel --pipeline-model-parallel-size "$PP"
 )

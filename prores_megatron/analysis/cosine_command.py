@@ -15,12 +15,13 @@ per-token L2 norm of each layer's output). Writes to ``--out``: ``cosine.csv``,
 
 import csv
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from ..checkpoint.base import TRACKER, CheckpointError
-from ..checkpoint.reader import open_checkpoint
+from ..checkpoint.reader import complete_iterations
 from . import plots
 from .usage import UsageError
 
@@ -48,14 +49,15 @@ def add_arguments(p) -> None:
 
 
 def list_checkpoints(save_dir: Path) -> dict:
+    """{iteration: opened checkpoint} of the complete checkpoints (``complete_iterations``: an
+    interrupted save is skipped with a note on stderr)."""
     if not save_dir.is_dir():
         raise UsageError(f"--checkpoints {save_dir}: no such directory")
-    found = {int(m.group(1)): d for d in save_dir.iterdir()
-             if d.is_dir() and (m := re.fullmatch(r"iter_(\d+)", d.name))}
+    found = complete_iterations(save_dir, note=lambda message: print(message, file=sys.stderr, flush=True))
     if not found:
         hint = " (give the --save directory that holds the iter_* directories)" if re.fullmatch(r"iter_\d+", save_dir.name) else ""
-        raise UsageError(f"--checkpoints {save_dir}: no iter_* checkpoint directories{hint}")
-    return dict(sorted(found.items()))
+        raise UsageError(f"--checkpoints {save_dir}: no complete iter_* checkpoint directories{hint}")
+    return found
 
 
 def select(found: dict, iterations, reference, save_dir: Path):
@@ -64,12 +66,12 @@ def select(found: dict, iterations, reference, save_dir: Path):
         text = tracker.read_text().strip() if tracker.is_file() else ""
         reference = int(text) if text.isdigit() and int(text) in found else max(found)
     if reference not in found:
-        raise UsageError(f"--reference {reference}: no checkpoint iter_{reference:07d} in {save_dir} "
+        raise UsageError(f"--reference {reference}: no complete checkpoint iter_{reference:07d} in {save_dir} "
                          f"(available: {', '.join(map(str, found))})")
     wanted = sorted(found) if not iterations else sorted(_ints(iterations))
     missing = [i for i in wanted if i not in found]
     if missing:
-        raise UsageError(f"--iterations: no checkpoint for {', '.join(map(str, missing))} in {save_dir} "
+        raise UsageError(f"--iterations: no complete checkpoint for {', '.join(map(str, missing))} in {save_dir} "
                          f"(available: {', '.join(map(str, found))})")
     return sorted(set(wanted) | {reference}), reference
 
@@ -168,7 +170,7 @@ def run(args) -> int:
     save_dir = Path(args.checkpoints)
     found = list_checkpoints(save_dir)
     iterations, reference = select(found, args.iterations, args.reference, save_dir)
-    opened = {it: open_checkpoint(found[it]) for it in iterations}
+    opened = {it: found[it] for it in iterations}
     _check_same_model(opened, reference)
     ref_args = opened[reference].args
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -182,7 +184,7 @@ def run(args) -> int:
     init_world1(device, args.seed)
     model = build_model(ref_args, device)
     tokens = tokens.to(device)
-    load_weights(model, found[reference])
+    load_weights(model, found[reference].directory)
     start_step = int(getattr(ref_args, "prores_start_step", 0) or 0)
     ref_u, ref_norms = _forward(model, tokens, reference, start_step)
     L = len(ref_u)
@@ -191,7 +193,7 @@ def run(args) -> int:
         if it == reference:
             u, norms[j] = ref_u, ref_norms
         else:
-            load_weights(model, found[it])
+            load_weights(model, found[it].directory)
             u, norms[j] = _forward(model, tokens, it, start_step)
         cosine[j] = [token_cosine(u[l], ref_u[l]) for l in sorted(ref_u)]
         print(f"iteration {it}: mean cosine to iteration {reference} {np.nanmean(cosine[j]):.4f}", flush=True)

@@ -10,7 +10,9 @@ Contract:
   layers and no CUDA fusions; a Transformer Engine checkpoint loads into them (same tensor names).
   A run without ProRes flags gets schedule ``none`` (alpha = 1), i.e. the plain model.
 - ``load_weights(model, iteration_dir)``: megatron-core ``dist_checkpointing.load`` of the model
-  tensors (any TP/PP layout of the saved run), strict.
+  tensors (any TP/PP layout of the saved run), strict, under ``checkpoint.restricted_dcp_loading``
+  (megatron-core would unpickle ``.metadata`` and pickled entries without restriction): a
+  checkpoint whose pickles name a class outside the allow-list raises ``UnsafePickleError``.
 Megatron imports stay inside the functions (after the shim).
 """
 
@@ -79,9 +81,12 @@ def build_model(saved_args, device: str):
 def load_weights(model, iteration_dir) -> None:
     from megatron.core import dist_checkpointing
 
+    from ..checkpoint.safe_unpickle import restricted_dcp_loading
+
     directory = str(iteration_dir)
-    metadata = dist_checkpointing.load_content_metadata(directory)
-    request = model.sharded_state_dict(metadata=metadata)
-    loaded = dist_checkpointing.load(request, directory)
+    with restricted_dcp_loading(directory):
+        metadata = dist_checkpointing.load_content_metadata(directory)
+        request = model.sharded_state_dict(metadata=metadata)
+        loaded = dist_checkpointing.load(request, directory)
     # load() also returns the checkpoint's common entries (args, iteration, ...): keep the model's.
     model.load_state_dict({k: v for k, v in loaded.items() if k in request}, strict=True)

@@ -6,8 +6,11 @@ Imports only ``core`` and ``utils``; nothing here knows about Hugging Face (docs
 from ..utils.lazy_api import lazy_api
 
 _EXPORTS = {
-    "open_checkpoint": "reader",
-    **{name: "base" for name in ("CheckpointError", "MegatronCheckpoint", "TRACKER", "resolve_iteration_dir")},
+    **{name: "reader" for name in ("open_checkpoint", "complete_iterations")},
+    **{name: "base" for name in ("CheckpointError", "UnsafePickleError", "MegatronCheckpoint", "TRACKER",
+                                 "resolve_iteration_dir")},
+    **{name: "safe_unpickle" for name in ("RestrictedUnpickler", "load_dcp_metadata", "restricted_dcp_loading",
+                                          "DCP_METADATA_GLOBALS")},
     **{name: "tensor_names" for name in ("LAYER_PREFIX", "split_qkv", "split_gate_up")},
 }
 

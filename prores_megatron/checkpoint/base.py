@@ -12,9 +12,11 @@ Contract:
   file) or of an iteration directory.
 - ``safe_torch_load(source, what)``: ``torch.load`` with ``weights_only=True``, after
   ``register_megatron_safe_globals()`` has added megatron-core's own allow-list of classes
-  (arguments, enums); never arbitrary unpickling.
+  (arguments, enums); never arbitrary unpickling. DCP's ``.metadata`` (plain pickle) is read by
+  ``safe_unpickle.load_dcp_metadata`` instead.
 - ``is_model_tensor_key(key)``: model weights only (not optimizer, RNG, rerun state, FP8 extra state).
-Problems raise ``CheckpointError`` naming the path.
+Problems raise ``CheckpointError`` naming the path; ``UnsafePickleError`` (a ``CheckpointError``)
+when a pickle in it references a class outside the allow-list, refused before that class is used.
 """
 
 import pickle
@@ -29,6 +31,11 @@ class CheckpointError(ValueError):
     """The path is not a readable Megatron checkpoint (the message names the file and why)."""
 
 
+class UnsafePickleError(CheckpointError):
+    """A pickle in the checkpoint names a class or function outside the allow-list (the message
+    names it and the file); it was refused before that global was imported or called."""
+
+
 def register_megatron_safe_globals():
     # megatron-core's allow-list (argparse.Namespace, its enums, ...) for weights_only loading.
     try:
@@ -40,11 +47,18 @@ def register_megatron_safe_globals():
     register_safe_globals()
 
 
+def weights_only_refusal(err) -> str:
+    """The line of torch's weights-only ``UnpicklingError`` that names the refused global (the rest
+    is torch's generic advice, including to retry with ``weights_only=False``)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(err).__name__)
+
+
 def safe_torch_load(source, what, **kwargs):
     try:
         return torch.load(source, map_location="cpu", weights_only=True, **kwargs)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{what}: refusing to unpickle it ({err})") from None
+    except pickle.UnpicklingError as err:  # torch's weights-only unpickler names the global it refused
+        raise UnsafePickleError(f"{what}: refusing to unpickle it ({weights_only_refusal(err)})") from None
     except Exception as err:  # truncated zip, bad magic, ...
         raise CheckpointError(f"{what}: cannot be read ({type(err).__name__}: {err})") from None
 

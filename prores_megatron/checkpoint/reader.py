@@ -8,9 +8,19 @@ Everything that can be checked without reading tensor data is checked when the c
 opened: the directory layout, the saved arguments, and that every data file exists and is as long
 as the metadata says (a truncated or missing shard is named before any work). Problems raise
 ``CheckpointError`` naming the path. The two formats live in ``torch_dist`` and ``legacy_torch``.
+
+``complete_iterations(save_dir, note)`` lists a save directory's checkpoints that can be read:
+``{iteration: opened checkpoint}``, sorted. An ``iter_*`` directory newer than the tracker
+(``latest_checkpointed_iteration.txt``, which Megatron writes only after a save completed) is an
+interrupted save and is skipped, as is one that does not open (a missing ``.metadata``, a truncated
+shard); ``note(message)`` hears each skip and why. A checkpoint refused for an unsafe pickle is
+never skipped: ``UnsafePickleError`` propagates.
 """
 
-from .base import CheckpointError, MegatronCheckpoint, resolve_iteration_dir
+import re
+from pathlib import Path
+
+from .base import TRACKER, CheckpointError, MegatronCheckpoint, UnsafePickleError, resolve_iteration_dir
 from .legacy_torch import LegacyTorchCheckpoint
 from .torch_dist import TorchDistCheckpoint
 
@@ -23,3 +33,26 @@ def open_checkpoint(path) -> MegatronCheckpoint:
     if any(it_dir.glob("mp_rank_*")):
         return LegacyTorchCheckpoint(it_dir)
     raise CheckpointError(f"{it_dir}: neither a torch_dist ('.metadata') nor a legacy ('mp_rank_*') checkpoint")
+
+
+def complete_iterations(save_dir, note=print) -> dict:
+    """The readable checkpoints of ``save_dir`` (see module docstring)."""
+    save_dir = Path(save_dir)
+    found = sorted((int(m.group(1)), d) for d in save_dir.iterdir()
+                   if d.is_dir() and (m := re.fullmatch(r"iter_(\d+)", d.name)))
+    tracker = save_dir / TRACKER
+    text = tracker.read_text().strip() if tracker.is_file() else ""
+    latest = int(text) if text.isdigit() else None
+    out = {}
+    for iteration, directory in found:
+        if latest is not None and iteration > latest:
+            note(f"note: skipping {directory}: newer than {TRACKER} ({latest}), so its save never completed "
+                 "(a crash or kill mid-save)")
+            continue
+        try:
+            out[iteration] = open_checkpoint(directory)
+        except UnsafePickleError:
+            raise
+        except CheckpointError as err:
+            note(f"note: skipping {directory}: incomplete or unreadable ({err})")
+    return out

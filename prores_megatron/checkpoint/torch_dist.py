@@ -2,7 +2,9 @@
 
 Contract: ``TorchDistCheckpoint(iteration_dir)`` (made by ``checkpoint.reader.open_checkpoint``)
 implements ``MegatronCheckpoint`` without a process group and without megatron-core's loader:
-DCP's own ``FileSystemReader`` does the file I/O, and the reads are planned here, per call, as the
+``.metadata`` is unpickled by the restricted unpickler (``safe_unpickle.load_dcp_metadata``; DCP's
+own ``read_metadata`` is a plain ``pickle.load``) and the common state weights-only; DCP's own
+``FileSystemReader``, given that metadata, does the file I/O, and the reads are planned here, per call, as the
 slices asked for (layer i of each stacked ``decoder.layers.*`` tensor is the chunk at offset
 (i, 0, ...) of size (1, ...); DCP's ``create_read_items_for_chunk_list`` maps it onto whatever
 TP/PP shards were saved). Only model tensors are ever read. ``planner_helpers`` is semi-private
@@ -11,7 +13,6 @@ torch API, hence the pinned torch and the tests that read real checkpoints throu
 
 import io
 import json
-import pickle
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from .base import (
     register_megatron_safe_globals,
     safe_torch_load,
 )
+from .safe_unpickle import load_dcp_metadata
 
 
 class _SliceTargets:
@@ -33,8 +35,9 @@ class _SliceTargets:
     reads ourselves (one layer's slices), so no global planning or flattening happens.
     """
 
-    def __init__(self, targets):
+    def __init__(self, targets, source=None):
         self.targets = targets
+        self.source = source  # names the file of the pickled objects, in refusals
         self.objects = {}
 
     def resolve_tensor(self, read_item):
@@ -48,7 +51,7 @@ class _SliceTargets:
         pass  # the data was copied straight into the target view
 
     def load_bytes(self, read_item, value: io.BytesIO):
-        self.objects[read_item.dest_index.fqn] = torch.load(value, map_location="cpu", weights_only=True)
+        self.objects[read_item.dest_index.fqn] = safe_torch_load(value, self.source)
 
 
 class TorchDistCheckpoint(MegatronCheckpoint):
@@ -62,14 +65,9 @@ class TorchDistCheckpoint(MegatronCheckpoint):
 
         self.directory = it_dir
         self._check_backend()
+        self._metadata = load_dcp_metadata(it_dir / ".metadata")
         self._reader = FileSystemReader(str(it_dir))
-        try:
-            self._metadata = self._reader.read_metadata()
-        except Exception as err:
-            raise CheckpointError(
-                f"{it_dir / '.metadata'}: cannot be read ({type(err).__name__}: {err}); the "
-                "checkpoint is truncated or not a torch_dist checkpoint"
-            ) from None
+        # What read_metadata would have handed the reader: the storage items' files and offsets.
         self._reader.set_up_storage_reader(self._metadata, is_coordinator=True)
         self._tensors = {}
         common_keys = []
@@ -133,11 +131,13 @@ class TorchDistCheckpoint(MegatronCheckpoint):
             storage_offsets=torch.Size((0,)),
             lengths=torch.Size((0,)),
         )
-        sink = _SliceTargets({})
+        info = self._metadata.storage_data.get(item.storage_index)
+        source = f"{self.directory / info.relative_path if info else self.directory} (common state {key!r})"
+        sink = _SliceTargets({}, source)
         try:
             self._reader.read_data(LoadPlan([item]), sink).wait()
-        except pickle.UnpicklingError as err:
-            raise CheckpointError(f"{self.directory}: common state: refusing to unpickle it ({err})") from None
+        except CheckpointError:  # safe_torch_load's refusal, naming the file
+            raise
         except Exception as err:
             raise CheckpointError(
                 f"{self.directory}: common state cannot be read ({type(err).__name__}: {err})"

@@ -19,7 +19,8 @@ _EXPORTS = {
     **{name: "residual_scale" for name in ("ProResBiasDropoutAdd", "DepthScaledNorm")},
     **{name: "layer_spec" for name in ("get_prores_layer_spec", "with_prores", "TRANSFORMER_IMPLS")},
     **{name: "stepping" for name in (
-        "set_prores_step", "check_prores_coverage", "ProResCoverageError", "prores_layers", "residual_scales")},
+        "set_prores_step", "check_prores_coverage", "ProResCoverageError", "prores_layers", "residual_scales",
+        "model_alphas")},
     **{name: "init_schemes" for name in ("apply_init", "check_init")},
 }
 

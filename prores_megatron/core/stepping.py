@@ -8,6 +8,10 @@ for its first call on a model, which runs the coverage guard: a collective over 
 pipeline-parallel group. Make that first call on every rank outside ``forward_backward_func`` (the
 Megatron-LM entry point does it right after the model is built); a pipeline stage waiting for
 activations could otherwise deadlock against it.
+
+``model_alphas(model, num_layers)`` reads alpha per global layer back from the model's buffers (what
+the kernels use), gathered over the pipeline group: a collective when PP > 1, so every rank of the
+group must call it at the same point.
 """
 
 import torch
@@ -142,3 +146,21 @@ def set_prores_step(model, step: int, check_coverage: bool = True) -> None:
                 scale.fast_path = not graphs
                 scale.set_alpha(alpha(scale.schedule, layer.layer_number, step, scale.warmup_steps, L))
         chunk._prores_step = step
+
+
+def model_alphas(model, num_layers: int, pp_group=None) -> list:
+    """Alpha of global layers 1..num_layers as this model's buffers hold it (see module docstring)."""
+    layers = prores_layers(model)
+    device = layers[0][1][0].alpha.device if layers else torch.device("cpu")
+    table = torch.full((num_layers,), -1.0, dtype=torch.float64, device=device)
+    for layer, scales in layers:
+        table[layer.layer_number - 1] = scales[0].alpha.double()  # both branches share the layer's alpha
+    if pp_group is None:
+        pp_group = _pp_group_of(model)
+    if (pp_group is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size(pp_group) > 1):
+        torch.distributed.all_reduce(table, op=torch.distributed.ReduceOp.MAX, group=pp_group)
+    missing = [l + 1 for l in range(num_layers) if table[l] < 0]
+    if missing:
+        raise ProResCoverageError(f"model_alphas: no stage holds layer(s) {missing} of 1..{num_layers}")
+    return table.tolist()

@@ -2,8 +2,13 @@
 (also ``python tools/convert_to_hf.py``).
 
 Contract: parses flags, calls ``exporter.export_to_hf`` and maps its refusals to exit status 2
-with a one-line ``error:`` message (naming the flag or file); Ctrl-C or SIGTERM exit 130/143 after
-the export has removed its temporary directory. All the work and every check live in ``exporter``.
+with a one-line ``error:`` message (naming the flag or file). SIGINT (Ctrl-C), SIGTERM and SIGHUP (a
+dropped SSH session) exit 128 + the signal number (130, 143, 129) after the export has removed its
+temporary directory, saying so. A signal that arrives while torch and megatron-core import (the
+first seconds, when some libraries' blanket ``except:`` would swallow a KeyboardInterrupt) is held
+and honoured as soon as the imports are done: no export starts after it. A process killed outright
+(SIGKILL, the OOM killer) cannot clean up; the next export into the same place does. All the work
+and every check live in ``exporter``.
 """
 
 import argparse
@@ -13,6 +18,8 @@ import warnings
 
 from ..core.depth_scaling import ARCHS  # all five are accepted: the non-exportable ones get a reason
 from ..core.schedules import SCHEDULES
+
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def build_parser():
@@ -36,15 +43,50 @@ def build_parser():
     o.add_argument("--prores-arch", choices=ARCHS, help="residual architecture (only pre and lns are exportable)")
     o.add_argument("--step", type=int, help="optimizer step t whose alpha is folded in (default: the checkpoint's "
                    "iteration, i.e. the next training step; Megatron's eval at that checkpoint used iteration-1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for the copy loop (default 1: it is memory-bound, docs/export.md §5)")
     p.add_argument("--quiet", action="store_true", help="no per-layer progress")
     return p
 
 
-def _terminate(signum, frame):
-    raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so the temporary output is removed
+class Interrupted(BaseException):
+    """A signal asked the export to stop (BaseException: no ``except Exception`` swallows it)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)  # unwinds through the staged output, which removes itself
+
+
+def _held_signals():
+    """Install handlers that only record a signal (for the import phase); returns the record and
+    the previous handlers."""
+    held = []
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in SIGNALS}
+    return held, previous
+
+
+def _signal_name(signum):
+    return signal.Signals(signum).name
 
 
 def main(argv=None):
+    held, previous = _held_signals()
+    try:
+        return _main(argv, held)
+    except Interrupted as stop:
+        print(f"prores-megatron-convert-to-hf: stopped by {_signal_name(stop.signum)}; the partial export "
+              "was removed and nothing was written", file=sys.stderr, flush=True)
+        return 128 + stop.signum
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _main(argv, held):
     args = build_parser().parse_args(argv)
     # megatron-core is imported only for its pickle allow-list; its "no TE/Apex kernels" warnings
     # say nothing about an export, which runs no fused kernel.
@@ -52,10 +94,16 @@ def main(argv=None):
     from ..checkpoint.base import CheckpointError
     from .exporter import ExportError, export_to_hf
 
+    if held:  # a signal arrived while torch imported: honour it before any work
+        print(f"prores-megatron-convert-to-hf: stopped by {_signal_name(held[0])} during start-up; nothing "
+              "was written", file=sys.stderr, flush=True)
+        return 128 + held[0]
+    for s in SIGNALS:
+        signal.signal(s, _interrupt)
+
     overrides = {"vocab_size": args.vocab_size, "prores_schedule": args.prores_schedule,
                  "prores_warmup_steps": args.prores_warmup_steps, "prores_arch": args.prores_arch,
                  "step": args.step}
-    previous = signal.signal(signal.SIGTERM, _terminate)
 
     def log(message):
         if not (args.quiet and message.startswith("layer ")):
@@ -63,15 +111,11 @@ def main(argv=None):
 
     try:
         export_to_hf(args.checkpoint, args.output, dtype=args.dtype, tokenizer_model=args.tokenizer_model,
-                     overrides=overrides, force=args.force, max_shard_size=args.max_shard_size, log=log)
+                     overrides=overrides, force=args.force, max_shard_size=args.max_shard_size, log=log,
+                     threads=args.threads)
     except (ExportError, CheckpointError) as err:
         print(f"prores-megatron-convert-to-hf: error: {err}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:
-        print("prores-megatron-convert-to-hf: interrupted; no output was written", file=sys.stderr, flush=True)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

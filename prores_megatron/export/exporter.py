@@ -15,15 +15,24 @@ force=False, max_shard_size="5GB", log=print) -> dict`` (a summary).
    tokenizer files when ``tokenizer_model`` (SentencePiece) is given, and ``prores_export.json``
    (source, iteration, step t, alpha per layer). Progress is logged per layer.
 3. The temporary directory is renamed to ``output`` (``utils.atomic_output``): a failure or Ctrl-C leaves
-   no partial output, and an existing ``output`` is replaced only with ``force``.
+   no partial output, and an existing ``output`` is replaced only with ``force``, and only when it is
+   empty or a previous export (``prores_export.json`` and nothing this exporter does not write).
+   A killed export's leftover is removed (or named) by the next export into the same place; the
+   filesystem must have room for the new export beside the old one before anything is written.
+
+The layer loop runs with ``threads`` torch threads (default 1): it only slices, concatenates and
+casts, which one thread does at memory speed, while torch's default (every core) made it 20-60x
+slower on a loaded machine (docs/export.md §5).
 
 t defaults to the checkpoint's iteration (the alpha the next training step would use; Megatron's
 own eval at that checkpoint used iteration - 1: ``overrides={"step": iteration - 1}``).
 """
 
 import json
+import re
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,7 +40,7 @@ import torch
 from ..checkpoint.base import CheckpointError, resolve_iteration_dir
 from ..checkpoint.reader import open_checkpoint
 from ..checkpoint.tensor_names import EMBEDDING, FINAL_NORM, OUTPUT
-from ..utils.atomic_output import OutputPathError, check_output_path, staged_directory
+from ..utils.atomic_output import OutputPathError, check_free_space, check_output_path, staged_directory
 from .llama_layout import ExportError, resolve_layout
 from .llama_tensors import convert_layer, norm_gain
 from .safetensors_writer import ShardedSafetensorsWriter, parse_size
@@ -55,7 +64,34 @@ _SHAPE_FLAGS = {  # first match wins
 _TOKENIZER_PROBES = ("The quick brown fox jumps over the lazy dog.", "ProRes warms up residual branches, layer by layer: 1, 2, 3!",
                      "line one\nline two\ttabbed")
 
-__all__ = ["export_to_hf", "preflight", "ExportError", "CheckpointError", "DTYPES"]
+__all__ = ["export_to_hf", "preflight", "ExportError", "CheckpointError", "DTYPES", "EXPORT_MARKER"]
+
+EXPORT_MARKER = "prores_export.json"  # written into every export: what --force may replace
+# Everything an export writes (tokenizer files: transformers' save_pretrained of a Llama tokenizer).
+_EXPORT_FILES = re.compile(r"^(config\.json|generation_config\.json|prores_export\.json|model(-\d+-of-\d+)?"
+                           r"\.safetensors|model\.safetensors\.index\.json|tokenizer(_config)?\.json|"
+                           r"tokenizer\.model|special_tokens_map\.json|added_tokens\.json|chat_template\.jinja)$")
+
+
+def not_a_previous_export(path: Path):
+    """None when ``path`` holds a previous export and nothing else; else the reason (for --force)."""
+    if not (path / EXPORT_MARKER).is_file():
+        return f"is not a previous export of prores-megatron-convert-to-hf (it has no {EXPORT_MARKER})"
+    foreign = sorted(p.name for p in path.iterdir() if not _EXPORT_FILES.match(p.name))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        return f"holds files an export does not write ({shown})"
+    return None
+
+
+@contextmanager
+def _torch_threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _check_tensors(ckpt, layout):
@@ -150,7 +186,7 @@ def _check_tokenizer(tok, sp, log):
 
 
 def preflight(checkpoint, output, dtype="bfloat16", tokenizer_model=None, overrides=None,
-              force=False, max_shard_size="5GB"):
+              force=False, max_shard_size="5GB", log=None):
     """Every check, cheapest first, nothing written: returns what the export needs (a dict)."""
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: valid choices are {', '.join(DTYPES)}")
@@ -163,7 +199,8 @@ def preflight(checkpoint, output, dtype="bfloat16", tokenizer_model=None, overri
         raise ExportError(f"--step {step!r}: must be a whole number of optimizer steps >= 0")
     sp = _load_sentencepiece(tokenizer_model) if tokenizer_model else None
     try:  # before the checkpoint is even opened; refusing to swallow the checkpoint itself
-        output = check_output_path(output, force, protected=[resolve_iteration_dir(checkpoint)])
+        output = check_output_path(output, force, protected=[resolve_iteration_dir(checkpoint)],
+                                   replaceable=not_a_previous_export, log=log)
     except OutputPathError as err:
         raise ExportError(str(err)) from None
     ckpt = open_checkpoint(checkpoint)
@@ -180,17 +217,35 @@ def preflight(checkpoint, output, dtype="bfloat16", tokenizer_model=None, overri
     dtype_name = str(out_dtype).removeprefix("torch.")
     config = layout.hf_config(dtype_name, bos_token_id=bos, eos_token_id=eos)
     _validate_hf_config(config, notes)
+    # The weights, the tokenizer (its model and transformers' JSON, a few times the model's size)
+    # and 1 MiB of JSON. The old export stays until the new one is complete: both must fit.
+    needed = sum(_numel(shape) for _, shape in layout.hf_tensors()) * out_dtype.itemsize + 2**20
+    if sp is not None:
+        needed += 4 * Path(tokenizer_model).stat().st_size
+    try:
+        check_free_space(output, needed, f"export to {output}", error=ExportError)
+    except OSError as err:
+        raise ExportError(f"export to {output}: cannot read the free space there ({err})") from None
     if sp is None and getattr(ckpt.args, "tokenizer_model", None):
         notes.append(f"the run used tokenizer {ckpt.args.tokenizer_model}; pass --tokenizer-model to include it")
     return dict(ckpt=ckpt, layout=layout, notes=notes, sp=sp, output=output, out_dtype=out_dtype,
                 dtype_name=dtype_name, config=config, bos=bos, eos=eos, max_shard_bytes=max_shard_bytes)
 
 
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def export_to_hf(checkpoint, output, dtype="bfloat16", tokenizer_model=None, overrides=None,
-                 force=False, max_shard_size="5GB", log=print):
+                 force=False, max_shard_size="5GB", log=print, threads=1):
     """See module docstring."""
     started = time.perf_counter()
-    pre = preflight(checkpoint, output, dtype, tokenizer_model, overrides, force, max_shard_size)
+    if not isinstance(threads, int) or threads < 1:
+        raise ExportError(f"--threads {threads!r}: must be a whole number >= 1")
+    pre = preflight(checkpoint, output, dtype, tokenizer_model, overrides, force, max_shard_size, log=log)
     ckpt, layout, output = pre["ckpt"], pre["layout"], pre["output"]
     log(f"checkpoint {ckpt.directory} ({ckpt.format}, iteration {ckpt.iteration}): {layout.num_layers} "
         f"layers, hidden {layout.hidden}, heads {layout.heads}/{layout.groups} (head_dim {layout.head_dim}), "
@@ -205,7 +260,7 @@ def export_to_hf(checkpoint, output, dtype="bfloat16", tokenizer_model=None, ove
         "norm_scale_per_layer": layout.norm_scales, "layernorm_1p_folded": layout.zero_centered_gamma,
         "dtype": pre["dtype_name"],
     }
-    with staged_directory(output, force) as tmp:
+    with staged_directory(output, force, replaceable=not_a_previous_export) as tmp, _torch_threads(threads):
         if pre["sp"] is not None:
             tok = _write_tokenizer(tokenizer_model, tmp, log)
             if tok is not None:
@@ -213,7 +268,7 @@ def export_to_hf(checkpoint, output, dtype="bfloat16", tokenizer_model=None, ove
         (tmp / "config.json").write_text(json.dumps(pre["config"], indent=2) + "\n")
         generation = {"_from_model_config": True, "bos_token_id": pre["bos"], "eos_token_id": pre["eos"]}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        (tmp / "prores_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        (tmp / EXPORT_MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
         writer = ShardedSafetensorsWriter(tmp, layout.hf_tensors(), pre["out_dtype"], pre["max_shard_bytes"],
                                           metadata={"source": "prores-megatron"})
         try:

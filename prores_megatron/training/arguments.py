@@ -93,6 +93,10 @@ def add_prores_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="Spike score: deviation from the trailing mean, in std (the paper: 7).")
     group.add_argument("--prores-spike-min-history", type=int, default=100,
                        help="Spike score: fewest trailing points needed to judge a step.")
+    group.add_argument("--prores-allow-vocab-padding-change", action="store_true",
+                       help="Resume a checkpoint whose vocabulary was padded to another size (another "
+                       "--make-vocab-size-divisible-by x TP) with a warning instead of a refusal; the "
+                       "rows that do not match start from init.")
     return parser
 
 

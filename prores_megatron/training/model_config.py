@@ -8,7 +8,9 @@ bf16/fp16 wrapper), the coverage guard (a post-wrap hook: collective, while ever
 step) and the resume check (``resume_check``: a warning when the checkpoint being resumed was
 trained with other ProRes settings). It also wraps Megatron-LM's ``train_step`` so that alpha is
 written once per iteration, before the forward-backward pass and outside anything a CUDA graph
-captures, and logged (``set_alpha_per_iteration``). This is the whole integration;
+captures, and logged (``set_alpha_per_iteration``), and its ``load_checkpoint`` so that a
+resumed checkpoint is unpickled only through the allow-list (``restrict_checkpoint_loading``).
+This is the whole integration;
 ``prores_megatron.training.pretrain_gpt`` and the patch in ``patches/`` both use it.
 ``attach_monitor`` adds the optional ``--prores-monitor-interval`` monitor. Imports
 ``megatron.training`` lazily (inside functions), after the CPU shim.
@@ -107,7 +109,7 @@ def set_alpha_per_iteration(args):
         def train_step(forward_step_func, data_iterator, model, *rest, **kwargs):
             step = current_prores_step(args)
             set_prores_step(model, step, check_coverage=False)
-            log_alpha(args.curr_iteration, step)
+            log_alpha(args.curr_iteration, step, model)
             return inner(forward_step_func, data_iterator, model, *rest, **kwargs)
 
         return train_step
@@ -124,11 +126,33 @@ def set_alpha_per_iteration(args):
     _wrap_training_function("evaluate_and_print_results", around_evaluation)
 
 
+def restrict_checkpoint_loading(args):
+    """Megatron-LM's ``load_checkpoint`` (a resume, ``--pretrained-checkpoint``) under the
+    checkpoint allow-list (``checkpoint.restricted_dcp_loading``): Megatron and DCP would otherwise
+    unpickle ``.metadata`` and the common state without restriction, so a crafted checkpoint could
+    run code on every rank. A refusal raises ``UnsafePickleError`` naming the global and the path,
+    on every rank alike."""
+    from ..checkpoint.safe_unpickle import restricted_dcp_loading
+
+    where = " / ".join(f"{flag} {value}" for flag, value in (("--load", getattr(args, "load", None)),
+                       ("--pretrained-checkpoint", getattr(args, "pretrained_checkpoint", None))) if value)
+
+    def around_load_checkpoint(inner):
+        def load_checkpoint(*a, **kw):
+            with restricted_dcp_loading(f"the checkpoint Megatron-LM loads ({where or 'no path'})"):
+                return inner(*a, **kw)
+
+        return load_checkpoint
+
+    _wrap_training_function("load_checkpoint", around_load_checkpoint)
+
+
 def configure_model_config(model_cfg, args):
     """Plug ProRes into ``model_cfg`` (see module docstring); returns it."""
     from .resume_check import resume_check_hook
 
     set_alpha_per_iteration(args)
+    restrict_checkpoint_loading(args)
     model_cfg.transformer_layer_spec = prores_layer_spec_fn(args)
     model_cfg.pre_wrap_hooks = [*model_cfg.pre_wrap_hooks, init_hook(args)]
     model_cfg.post_wrap_hooks = [*model_cfg.post_wrap_hooks, coverage_hook(args), resume_check_hook(args)]

@@ -9,6 +9,13 @@ the deepest layer) at the resumed step, as the saved run would have had it and a
 switching ProRes on for a checkpoint trained without it also names ``--prores-start-step
 ITERATION``, which starts the warmup at the resume point. ``resume_check_hook(args)`` is the
 post-wrap hook that prints it on global rank 0, once, before Megatron loads the checkpoint.
+
+``vocab_padding_change(args, ckpt, vocab_size)``: Megatron pads the vocabulary to a multiple of
+``--make-vocab-size-divisible-by`` x TP and loads a checkpoint padded to another size without a
+word (the rows that do not match start from init: +0.68 loss after TP1 -> TP2 at vocabulary 128).
+It returns the refusal text, naming both paddings and a ``--make-vocab-size-divisible-by`` that
+reproduces the saved one; the hook raises it on every rank (rank 0 reads, then broadcasts), or,
+with ``--prores-allow-vocab-padding-change``, prints it as a warning.
 Only the saved arguments are read (torch_dist: the common state; legacy: rank 0's file, mapped).
 """
 
@@ -70,19 +77,71 @@ def resume_changes(args):
     return text
 
 
+def _divisor_for(padded: int, vocab: int, tp: int, prefer: int):
+    """A --make-vocab-size-divisible-by d with ceil(vocab / (d tp)) d tp == padded (Megatron's
+    padding rule), nearest to ``prefer`` (the saved multiple), or None."""
+    fits = [d for d in range(1, padded // tp + 1)
+            if padded % (d * tp) == 0 and -(-vocab // (d * tp)) * d * tp == padded]
+    return min(fits, key=lambda d: (abs(d * tp - prefer), -d)) if fits else None
+
+
+def vocab_padding_change(args, ckpt, vocab_size):
+    """The refusal text when the run pads the vocabulary differently from the checkpoint, else None."""
+    saved = getattr(ckpt.args, "padded_vocab_size", None)
+    now = getattr(args, "padded_vocab_size", None)
+    if saved is None or now is None or saved == now:
+        return None
+    s_div = getattr(ckpt.args, "make_vocab_size_divisible_by", None)
+    s_tp = getattr(ckpt.args, "tensor_model_parallel_size", None)
+    tp = args.tensor_model_parallel_size
+    text = (f"the checkpoint being resumed ({ckpt.directory}) has its vocabulary padded to {saved} rows "
+            f"(--make-vocab-size-divisible-by {s_div} x TP {s_tp}); this run pads the {vocab_size}-token "
+            f"vocabulary to {now} (--make-vocab-size-divisible-by {args.make_vocab_size_divisible_by} x TP {tp}). "
+            "Megatron would load it without a word, and the rows that do not match would start from init.")
+    if vocab_size is not None:
+        d = _divisor_for(saved, vocab_size, tp, (s_div or 1) * (s_tp or 1))
+        text += (f" Pass --make-vocab-size-divisible-by {d} to keep the saved padding at TP {tp}." if d else
+                 f" No --make-vocab-size-divisible-by gives {saved} rows at TP {tp}; convert the checkpoint.")
+    return text + " (--prores-allow-vocab-padding-change resumes anyway, with this as a warning.)"
+
+
+def _tokenizer_vocab_size(args):
+    try:
+        from megatron.training import get_tokenizer
+
+        return get_tokenizer().vocab_size
+    except Exception:  # no tokenizer built (a unit test, a custom entry point)
+        return getattr(args, "vocab_size", None)
+
+
 def resume_check_hook(args):
     """post_wrap_hook: print ``resume_changes(args)`` on global rank 0 (see module docstring)."""
 
     def hook(model_chunks):
         import torch
 
-        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        distributed = torch.distributed.is_initialized()
+        refusal = None
+        if not distributed or torch.distributed.get_rank() == 0:
             try:
                 message = resume_changes(args)
+                ckpt = _resumed_checkpoint(args)
+                if ckpt is not None:
+                    refusal = vocab_padding_change(args, ckpt, _tokenizer_vocab_size(args))
             except Exception as err:  # only rank 0 reads: an error here must not leave the others hanging
                 message = f"WARNING: ProRes could not compare its settings with the checkpoint's ({err!r})"
             if message:
                 print(message, flush=True)
+        if distributed and torch.distributed.get_world_size() > 1:
+            box = [refusal]  # every rank runs this hook at the same point: a safe collective
+            torch.distributed.broadcast_object_list(box, src=0)
+            refusal = box[0]
+        if refusal is not None:
+            if getattr(args, "prores_allow_vocab_padding_change", False):
+                if not distributed or torch.distributed.get_rank() == 0:
+                    print(f"WARNING: {refusal}", flush=True)
+            else:
+                raise ValueError(f"refusing to resume: {refusal}")
         return model_chunks
 
     return hook

@@ -1,7 +1,8 @@
 """What the Megatron-LM loop logs about ProRes: alpha per layer, and the depth monitor.
 
-Contract: ``AlphaLogger(args)(step)`` writes alpha per layer to the training log and to Megatron's
-TensorBoard/W&B writers every ``--log-interval`` iterations. ``TrainingMonitor`` is the optional
+Contract: ``AlphaLogger(args)(completed, step, model)`` writes alpha per layer, as the model's
+buffers hold it (gathered over the pipeline group, so every rank calls it), to the training log and
+to Megatron's TensorBoard/W&B writers on each launch's first step and every ``--log-interval``. ``TrainingMonitor`` is the optional
 in-training depth monitor (``--prores-monitor-interval N``): every N iterations the ProRes
 residuals of every layer are armed for one iteration (``monitoring.layer_stats.LayerMonitor``);
 when Megatron finalises that iteration's gradients (our wrapper around
@@ -22,7 +23,7 @@ import math
 import os
 import warnings
 
-from ..core.schedules import alpha_table
+from ..core.stepping import model_alphas
 from ..monitoring.layer_stats import LayerMonitor, layer_grad_sq, summarize
 from ..monitoring.run_logs import MONITOR_FILE
 
@@ -35,8 +36,9 @@ class AlphaLogger:
         self.args = args
         self.last_logged = None
 
-    def __call__(self, completed: int, step: int) -> None:
-        """``completed``: optimizer steps done (``args.curr_iteration``); ``step``: ProRes's t."""
+    def __call__(self, completed: int, step: int, model) -> None:
+        """``completed``: optimizer steps done (``args.curr_iteration``); ``step``: ProRes's t;
+        ``model``: the model chunks, whose alpha buffers are read (not recomputed from the schedule)."""
         args = self.args
         iteration = completed + 1  # the iteration this forward step computes (Megatron counts from 1)
         first = self.last_logged is None
@@ -45,7 +47,7 @@ class AlphaLogger:
         self.last_logged = iteration
         from megatron.training import get_tensorboard_writer, get_wandb_writer, print_rank_last
 
-        table = alpha_table(args.prores_schedule, step, args.prores_warmup_steps, args.num_layers)
+        table = model_alphas(model, args.num_layers)
         full = sum(a == 1.0 for a in table)
         launch = ""
         if first:

@@ -294,7 +294,29 @@ def test_cosine_on_a_real_run(tiny_run, tmp_path):
     assert png_size(out / "activation_norm_checkpoints.png") == panels(1)
     # A checkpoint that is not there is refused by name.
     proc = cli("cosine", "--checkpoints", tiny_run / "ckpt", "--out", out, "--iterations", "4,6")
-    assert proc.returncode == 2 and "--iterations: no checkpoint for 6" in proc.stderr
+    assert proc.returncode == 2 and "--iterations: no complete checkpoint for 6" in proc.stderr
+
+
+def test_cosine_skips_interrupted_saves_with_a_note(tiny_run, tmp_path):
+    """A crash mid-save leaves iter_* directories behind: one newer than the tracker (its save never
+    completed, so Megatron never pointed the tracker at it) and one with a shard missing. Both are
+    skipped, each with a note saying why; the reference stays the tracker's iteration."""
+    import shutil
+
+    save = tmp_path / "ckpt"
+    shutil.copytree(tiny_run / "ckpt", save)
+    shutil.copytree(save / "iter_0000012", save / "iter_0000016")
+    (save / "iter_0000016" / ".metadata").unlink()
+    next((save / "iter_0000008").glob("*.distcp")).unlink()
+    out = tmp_path / "cosine"
+    proc = cli("cosine", "--checkpoints", save, "--out", out, "--batch-size", "2", "--seq-length", "32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"note: skipping {save / 'iter_0000016'}: newer than latest_checkpointed_iteration.txt (12)" in proc.stderr
+    assert f"note: skipping {save / 'iter_0000008'}: incomplete or unreadable" in proc.stderr
+    with open(out / "cosine.csv") as f:
+        assert [int(r[0]) for r in list(csv.reader(f))[1:]] == [4, 12]
+    proc = cli("cosine", "--checkpoints", save, "--out", out, "--iterations", "8")
+    assert proc.returncode == 2 and "--iterations: no complete checkpoint for 8" in proc.stderr
 
 
 def test_checkpoint_model_holds_the_saved_weights(tiny_run, mcore_world1):

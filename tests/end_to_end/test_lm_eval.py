@@ -134,7 +134,7 @@ def test_readme_commands_name_tasks_that_exist():
     from lm_eval.tasks import TaskManager
 
     readme = (ROOT / "docs" / "export.md").read_text()
-    section = readme[readme.index("## Zero-shot evaluation"):]
+    section = readme[re.search(r"^## (\d+\. )?Zero-shot evaluation", readme, re.M).start():]
     end = section.find("\n## ")
     section = section if end < 0 else section[:end]
     named = {t for arg in re.findall(r"--tasks\s+([\w,]+)", section) for t in arg.split(",")}

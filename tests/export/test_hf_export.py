@@ -308,16 +308,22 @@ def test_refuses_bad_flags_before_any_work(runs, tmp_path):
 
 def test_existing_output_needs_force_and_failures_leave_nothing(runs, tmp_path, monkeypatch):
     ckpt = it_dir(runs["ckpt"][("A", "torch_dist")], MID)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
     from prores_megatron.export.exporter import ExportError
 
     with pytest.raises(ExportError, match="already exists; pass --force"):
-        export(ckpt, out)
-    assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+        export(ckpt, mine)
+    # --force replaces only an empty directory or a previous export: never someone's directory.
+    with pytest.raises(ExportError, match="is not a previous export of prores-megatron-convert-to-hf"):
+        export(ckpt, mine, force=True)
+    assert (mine / "keep.txt").read_text() == "mine" and len(list(mine.iterdir())) == 1
 
-    # Ctrl-C in the middle of layer 3: the previous output survives, nothing partial appears.
+    out = tmp_path / "out"
+    export(ckpt, out)
+    before = (out / "config.json").read_bytes()
+    # Ctrl-C in the middle of layer 3: the previous export survives, nothing partial appears.
     import prores_megatron.export.exporter as hf_export
 
     real = hf_export.convert_layer
@@ -330,16 +336,36 @@ def test_existing_output_needs_force_and_failures_leave_nothing(runs, tmp_path, 
     monkeypatch.setattr(hf_export, "convert_layer", interrupted)
     with pytest.raises(KeyboardInterrupt):
         export(ckpt, out, force=True)
-    assert (out / "keep.txt").read_text() == "mine"
+    assert (out / "config.json").read_bytes() == before
     assert not list(tmp_path.glob(".out.*"))
     with pytest.raises(KeyboardInterrupt):
         export(ckpt, tmp_path / "new" / "deeper")
     assert not (tmp_path / "new").exists()  # created parents are removed again
     monkeypatch.setattr(hf_export, "convert_layer", real)
 
-    export(ckpt, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    export(ckpt, out, force=True, step=1)  # a previous export is replaced
+    assert json.loads((out / "prores_export.json").read_text())["step"] == 1
     assert not list(tmp_path.glob(".out.*"))
+
+    # A previous export someone added to (a git repository, notes) is theirs now.
+    (out / ".git").mkdir()
+    (out / "notes.md").write_text("x")
+    with pytest.raises(ExportError, match=r"holds files an export does not write \(\.git, notes\.md\)"):
+        export(ckpt, out, force=True)
+    assert (out / ".git").is_dir() and (out / "notes.md").exists()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export(ckpt, empty, force=True)
+    assert (empty / "config.json").exists()
+
+    # The current directory (an export or not) is never replaced: `convert CKPT . --force`.
+    monkeypatch.chdir(empty)
+    with pytest.raises(ExportError, match="contains the current directory"):
+        export(ckpt, ".", force=True)
+    with pytest.raises(ExportError, match="contains the current directory"):
+        export(ckpt, tmp_path, force=True)
+    assert (empty / "config.json").exists() and (mine / "keep.txt").exists()
 
 
 # ---- the folding math on synthetic tensors -------------------------------------------------

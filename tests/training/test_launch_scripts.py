@@ -29,6 +29,7 @@ LAUNCHES = {
     "tiny_cpu": ("pretrain_tiny_cpu.sh", dict(MASTER_PORT="29999"), 2, 8),
     # deliberately broken through the script's own knobs: 120 layers over 7 stages, no layout
     "120l_pp7": ("pretrain_120l_prores.sh", dict(MOCK="1", PP="7", PP_LAYOUT=""), 64, 120),
+    "llama2_7b_delayed": ("pretrain_llama2_7b_prores.sh", dict(MOCK="1", FP8_RECIPE="delayed"), 64, 32),
 }
 
 
@@ -114,7 +115,7 @@ def test_llama2_7b_dry_run(dry_runs):
     p = report["parallel"]
     assert (p["tensor"], p["pipeline"], p["data"], p["sequence_parallel"]) == (2, 1, 32, True)
     argv = report["argv"]
-    for flag in ("--fp8-format", "--fp8-amax-history-len", "--use-distributed-optimizer",
+    for flag in ("--fp8-format", "--use-distributed-optimizer",
                  "--overlap-grad-reduce", "--overlap-param-gather", "--recompute-granularity",
                  "--tensorboard-dir", "--bf16"):
         assert flag in argv
@@ -122,6 +123,30 @@ def test_llama2_7b_dry_run(dry_runs):
     assert argv[argv.index("--ckpt-format") + 1] == "torch_dist"
     plan = report["alpha_plan"]
     assert plan["full_step"] == [1000.0 * l for l in range(1, 33)] and not report["warnings"]
+
+
+@pytest.mark.parametrize("name, recipe, history", [("llama2_7b", "tensorwise", False), ("120l", "tensorwise", False),
+                                                   ("llama2_7b_delayed", "delayed", True)])
+def test_fp8_recipe_is_a_script_variable(dry_runs, name, recipe, history):
+    """FP8_RECIPE picks the scaling (current scaling unless asked; docs/benchmarks.md §3 says why);
+    the amax-history flags belong to delayed scaling only. Megatron-LM's validation accepts each."""
+    argv = dry_runs[name]["argv"]
+    assert dry_runs[name]["error"] is None
+    assert argv[argv.index("--fp8-recipe") + 1] == recipe and argv[argv.index("--fp8-format") + 1] == "hybrid"
+    assert ("--fp8-amax-history-len" in argv) == history
+
+
+@pytest.mark.parametrize("recipe, ok", [("none", True), ("mxfp9", False)])
+def test_fp8_recipe_none_is_bf16_and_unknown_is_refused(tmp_path, recipe, ok):
+    stub = recording_stub(tmp_path / "stub" / "python")
+    proc = subprocess.run(["bash", str(SCRIPTS / "pretrain_llama2_7b_prores.sh")],
+                          env=script_env(tmp_path, dict(MOCK="1", FP8_RECIPE=recipe, PYTHON=str(stub))),
+                          capture_output=True, text=True, timeout=60)
+    if ok:
+        argv = json.loads(proc.stdout)["argv"]
+        assert "--bf16" in argv and not any(a.startswith("--fp8") for a in argv)
+    else:
+        assert proc.returncode == 2 and "FP8_RECIPE=mxfp9" in proc.stderr and proc.stdout == ""
 
 
 def test_120_layer_dry_run_uses_the_documented_balanced_layout(dry_runs):
@@ -407,12 +432,14 @@ def test_patch_uses_existing_public_prores_names():
 
 def test_patch_reads_every_prores_flag_through_the_shared_integration():
     """Every --prores-* flag is read by the patch or by prores_megatron.training.model_config (which the patch
-    and the entry point share), or documented in patches/README.md as not included."""
+    and the entry point share) and the resume check it installs, or documented in patches/README.md as
+    not included."""
     from prores_megatron.training.arguments import add_prores_args
 
     code = added_code()
     assert "configure_model_config(model_cfg, args)" in code
-    shared = (ROOT / "prores_megatron" / "training" / "model_config.py").read_text()
+    shared = "".join((ROOT / "prores_megatron" / "training" / name).read_text()
+                     for name in ("model_config.py", "resume_check.py"))
     entry = (ROOT / "prores_megatron" / "training" / "pretrain_gpt.py").read_text()
     assert "configure_model_config(gpt_config_from_args(args), args)" in entry
     readme = (ROOT / "patches" / "README.md").read_text()

@@ -116,3 +116,112 @@ def test_resume_changes_names_each_difference(monkeypatch):
     assert "layer 4: alpha 0.75 -> 1" in text
     same = SimpleNamespace(**{**vars(args), "prores_warmup_steps": 2.0})
     assert resume_check.resume_changes(same) is None
+
+
+class _TouchMarker:
+    """Unpickling this runs ``touch <marker>`` (through os.system) under plain pickle."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_resuming_a_crafted_checkpoint_runs_no_code(vanilla, tmp_path):
+    """Megatron-LM's own load_checkpoint runs under the allow-list: a .metadata whose pickle calls
+    os.system stops the run on every rank, naming the global, and the command never runs."""
+    import pickle
+
+    tmp, _ = vanilla
+    save = tmp_path / "crafted"
+    shutil.copytree(tmp / "vanilla", save)
+    metadata = save / f"iter_{SAVED:07d}" / ".metadata"
+    with open(metadata, "rb") as f:
+        md = pickle.load(f)  # our own checkpoint, just written: trusted
+    marker = tmp_path / "marker"
+    md.storage_meta.modules = ["model", _TouchMarker(marker)]
+    with open(metadata, "wb") as f:
+        pickle.dump(md, f)
+    env = dict(os.environ, PYTHON=sys.executable, TP="1", PP="1", TRAIN_ITERS=str(SAVED + 2), SAVE_DIR=str(save),
+               PRORES_ARGS="--prores-schedule none",
+               EXTRA_ARGS=f"--save-interval {SAVED} --eval-interval 1000 --eval-iters 1")
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log[-3000:]
+    assert f"{os.system.__module__}.system" in log and "UnsafePickleError" in log, log[-3000:]
+    assert not marker.exists()
+
+
+def _lm_loss(log, iteration):
+    import re
+
+    (value,) = re.findall(rf"iteration\s+{iteration}/\s*\d+ \|.*?lm loss: ([0-9.E+-]+)", log)
+    return float(value)
+
+
+def test_a_resume_that_pads_the_vocabulary_differently_is_refused(tmp_path):
+    """Vocabulary 100 pads to 128 rows at TP 1 and 256 at TP 2 (multiples of 128 x TP). Megatron
+    would resume the TP-1 checkpoint at TP 2 without a word; the run refuses, naming a
+    --make-vocab-size-divisible-by that keeps 128 rows at TP 2 (64: ceil(100 / 128) x 128 = 128),
+    which then resumes."""
+    save = tmp_path / "ckpt"
+
+    def launch(tp, extra, ok=True):
+        env = dict(os.environ, PYTHON=sys.executable, TP=str(tp), PP="1", TRAIN_ITERS="6", SAVE_DIR=str(save),
+                   PRORES_ARGS="--prores-schedule linear --prores-warmup-steps 1",
+                   EXTRA_ARGS=f"--vocab-size 100 --save-interval 4 --eval-interval 1000 --eval-iters 1 {extra}")
+        proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
+        log = proc.stdout + proc.stderr
+        assert (proc.returncode == 0) == ok, log[-3000:]
+        return log
+
+    launch(1, "--exit-interval 4")
+    refused = launch(2, "", ok=False)
+    assert ("refusing to resume: the checkpoint being resumed" in refused and "padded to 128 rows" in refused
+            and "pads the 100-token vocabulary to 256" in refused)
+    assert "Pass --make-vocab-size-divisible-by 64 to keep the saved padding at TP 2" in refused
+    kept = launch(2, "--make-vocab-size-divisible-by 64 --exit-interval 5")
+    assert "refusing" not in kept and "WARNING: the checkpoint being resumed" not in kept
+    assert _lm_loss(kept, 5) > 0
+
+
+def test_the_vocab_padding_refusal_has_an_escape_flag(vanilla, capsys):
+    """The hook itself, on the vanilla run's checkpoint (vocabulary 511 padded to 512): a run that
+    would pad to 1024 is refused, or, with --prores-allow-vocab-padding-change, warned about."""
+    from prores_megatron.training.resume_check import resume_check_hook
+
+    tmp, _ = vanilla
+    args = SimpleNamespace(load=str(tmp / "vanilla"), ckpt_step=None, finetune=False, num_layers=L,
+                           prores_schedule="none", prores_warmup_steps=None, prores_arch="pre", prores_start_step=0,
+                           padded_vocab_size=1024, make_vocab_size_divisible_by=1024, tensor_model_parallel_size=1,
+                           vocab_size=511, prores_allow_vocab_padding_change=False)
+    with pytest.raises(ValueError, match="refusing to resume: .* padded to 512 rows .* to 1024"):
+        resume_check_hook(args)([])
+    args.prores_allow_vocab_padding_change = True
+    assert resume_check_hook(args)([]) == []
+    assert "WARNING: the checkpoint being resumed" in capsys.readouterr().out
+    args.padded_vocab_size = 512
+    assert resume_check_hook(args)([]) == []
+
+
+@pytest.mark.parametrize("vocab, saved, tp, expected", [
+    (32000, (32000, 128, 2), 4, "Pass --make-vocab-size-divisible-by 64 "),  # Llama-2: 32000 = 125 x 256
+    (32000, (32000, 128, 2), 2, None),                                       # same layout: nothing to say
+    (50257, (50304, 128, 1), 8, "Pass --make-vocab-size-divisible-by 16 "),  # GPT-2: 50304 = 393 x 128
+    (101, (128, 128, 1), 3, "No --make-vocab-size-divisible-by gives 128 rows at TP 3"),
+])
+def test_vocab_padding_change_by_hand(vocab, saved, tp, expected):
+    from megatron.training.vocab_utils import calculate_padded_vocab_size
+
+    from prores_megatron.training.resume_check import vocab_padding_change
+
+    padded, div, s_tp = saved
+    ckpt = SimpleNamespace(directory="CKPT", args=SimpleNamespace(padded_vocab_size=padded,
+                           make_vocab_size_divisible_by=div, tensor_model_parallel_size=s_tp))
+    now = calculate_padded_vocab_size(vocab, 128, tp, logging_enabled=False)
+    args = SimpleNamespace(padded_vocab_size=now, make_vocab_size_divisible_by=128, tensor_model_parallel_size=tp)
+    text = vocab_padding_change(args, ckpt, vocab)
+    assert (text is None) == (expected is None)
+    if expected:
+        assert expected in text and f"padded to {padded} rows" in text
