@@ -5,7 +5,8 @@
 # with --prores-schedule none (ProRes is really on). Usage:
 #   bash tools/check_megatron_patch.sh /path/to/Megatron-LM      (branch core_r0.19.0)
 #   PP=2 ... runs the pipeline-parallel variant; EXTRA_ARGS adds flags to both runs.
-# The checkout is never modified. Its megatron/ comes first on sys.path (as for its users); when it
+# The checkout is never modified. Its megatron/ comes first on sys.path (as for its users), and this
+# repository's prores_megatron (its working tree, not an installed copy) comes next; when it
 # has no compiled dataset helpers (`make -C megatron/core/datasets` needs pybind11), the installed
 # megatron-core wheel's prebuilt helpers_cpp is copied into the scratch copy (same release).
 set -euo pipefail
@@ -52,7 +53,13 @@ FLAGS=(
     --log-interval 1 --eval-interval 1000 --eval-iters 1
 )
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
-export OMP_NUM_THREADS=1 CUDA_DEVICE_MAX_CONNECTIONS=1 PYTHONUNBUFFERED=1
+# PRORES_CPU_SHIM=1: the patched script installs the CPU shim only when asked. PYTHONPATH: this
+# checkout's prores_megatron, uncommitted edits included, whatever copy is installed.
+export OMP_NUM_THREADS=1 CUDA_DEVICE_MAX_CONNECTIONS=1 PYTHONUNBUFFERED=1 PRORES_CPU_SHIM=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+used=$(cd "$SCRATCH" && "$PYTHON" -W ignore -c 'import prores_megatron, os; print(os.path.dirname(os.path.dirname(os.path.realpath(prores_megatron.__file__))))')
+[[ "$used" == "$(cd "$ROOT" && pwd -P)" ]] || { echo "FAIL: the runs would import prores_megatron from $used, not $ROOT" >&2; exit 1; }
+echo "prores_megatron under test: $ROOT (working tree)"
 launch() {  # launch NAME ENTRY... -- FLAGS...: train, keep the log, print the per-iteration losses
     local name=$1; shift
     local entry=()

@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # A 120-layer, ~6.3 B-parameter Llama-style model (hidden 2048, 16 heads, FFN 5632, seq 4096) with
 # ProRes at T = 500 (the paper's choice at >= 96 layers: layer l reaches alpha = 1 at step 500*l).
-# Defaults: 8 nodes x 8 H100s = TP 2 (inside a node, with sequence parallel) x PP 8 (one stage per
-# node) x DP 4, three virtual stages per pipeline rank through an explicit
+# Defaults: 8 nodes x 8 H100s = TP 2 (inside a node, with sequence parallel and TP overlap) x PP 8
+# (one stage per node) x DP 4, three virtual stages per pipeline rank through an explicit
 # --pipeline-model-parallel-layout that gives the embedding and loss chunks fewer layers, FP8 (TE
-# current scaling by default, FP8_RECIPE) with bf16, distributed optimizer, selective recompute. Why this split, and where
-# the 120-layer shape meets Megatron-LM's limits: examples/scripts/README.md.
+# current scaling by default: FP8_RECIPE) with bf16, NVIDIA's H100 FP8 performance flags
+# (flag_groups.sh), torch_dist checkpoints with time-limit and signal saves, TensorBoard and the
+# ProRes depth monitor. Why this split, and where the 120-layer shape meets Megatron-LM's limits:
+# examples/scripts/README.md. Under SLURM submit sbatch_120l_prores.sh.
 #
-#   DRY_RUN=1 bash examples/scripts/pretrain_120l_prores.sh
+#   DRY_RUN=1 MOCK=1 MASTER_ADDR=node001 bash examples/scripts/pretrain_120l_prores.sh
 # checks it without a GPU (Megatron-LM + ProRes validation for this world size, layer -> stage and
-# chunk table covering 1..120, alpha plan, parameter count, torchrun command; DRY_RUN_ARGS=--json).
+# chunk table covering 1..120, alpha plan, parameter count, memory estimate, versions, launch
+# command; DRY_RUN_ARGS=--json).
 #
 # Environment (positional arguments 1-4 override the paths, Megatron-LM example style):
-#   NNODES, NODE_RANK, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT   torchrun rendezvous (8, 0, 8, localhost, 6000)
-#   CHECKPOINT_PATH ($1), TENSORBOARD_LOGS_PATH ($2)   default runs/prores_120l/{checkpoints,tensorboard}
+#   NNODES, NODE_RANK, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT   torchrun rendezvous (8, 0, 8, -, 6000);
+#                          inside a SLURM job (sbatch_*.sh): from SLURM_NNODES, SLURM_NODEID and
+#                          SLURM_JOB_NODELIST. MASTER_ADDR is required with more than one node
+#   RUN_DIR                checkpoints, TensorBoard, data cache, profiles (required to launch)
+#   CHECKPOINT_PATH ($1), TENSORBOARD_LOGS_PATH ($2)   default $RUN_DIR/{checkpoints,tensorboard}
 #   TOKENIZER_MODEL ($3)   SentencePiece tokenizer.model (Llama-2's 32000 tokens assumed by the dry run)
 #   DATA_PATH ($4)         indexed-dataset prefix(es) (PREFIX.bin/.idx)       MOCK=1: synthetic data
 #   TP (2), PP (8)         tensor / pipeline parallel sizes
@@ -22,22 +28,26 @@
 #   VPP                    --num-virtual-stages-per-pipeline-rank when PP_LAYOUT is empty
 #   MICRO_BATCH_SIZE (1), GLOBAL_BATCH_SIZE (512), TRAIN_ITERS (150000)
 #   PRORES_SCHEDULE (linear), PRORES_WARMUP_STEPS (500)
-#   FP8_RECIPE (tensorwise)     FP8 scaling: tensorwise (current), delayed, or none (bf16 only)
-#   EXTRA_ARGS             more flags, appended last          PYTHON  dry-run interpreter
+#   FP8_RECIPE (tensorwise) tensorwise (current scaling), delayed, or none (bf16 only)
+#   flag_groups.sh: SAVE_INTERVAL, EXIT_DURATION_MINS, ASYNC_SAVE, NON_PERSISTENT_SAVE_INTERVAL,
+#                   PRORES_MONITOR_INTERVAL, WANDB_PROJECT, PROFILE, RECOMPUTE, NUM_WORKERS, ...
+#   EXTRA_ARGS             more flags, appended last
+#   PYTHON                 the interpreter of the dry run and of the launch (python -m torch.distributed.run):
+#                          default the project environment if present, else python3
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-RUN_DIR="$ROOT/runs/prores_120l"
-
-NNODES=${NNODES:-8}
-NODE_RANK=${NODE_RANK:-0}
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-MASTER_ADDR=${MASTER_ADDR:-localhost}
-MASTER_PORT=${MASTER_PORT:-6000}
-CHECKPOINT_PATH=${1:-${CHECKPOINT_PATH:-$RUN_DIR/checkpoints}}
-TENSORBOARD_LOGS_PATH=${2:-${TENSORBOARD_LOGS_PATH:-$RUN_DIR/tensorboard}}
+NAME=pretrain_120l_prores.sh
+source "$ROOT/examples/scripts/launch_lib.sh"
+source "$ROOT/examples/scripts/flag_groups.sh"
+prores_python
+prores_rendezvous "$NAME" 8
+CHECKPOINT_PATH=${1:-${CHECKPOINT_PATH:-}}
+TENSORBOARD_LOGS_PATH=${2:-${TENSORBOARD_LOGS_PATH:-}}
 TOKENIZER_MODEL=${3:-${TOKENIZER_MODEL:-}}
 DATA_PATH=${4:-${DATA_PATH:-}}
-MOCK=${MOCK:-0}
+[[ -n "$CHECKPOINT_PATH" ]] || unset CHECKPOINT_PATH
+[[ -n "$TENSORBOARD_LOGS_PATH" ]] || unset TENSORBOARD_LOGS_PATH
+prores_run_dir "$NAME"
 DRY_RUN=${DRY_RUN:-0}
 TP=${TP:-2}
 PP=${PP:-8}
@@ -76,52 +86,37 @@ TRAINING_ARGS=(
     --train-iters "$TRAIN_ITERS"
     --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 2000
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
-    --recompute-granularity selective  # core_attn (Megatron's default module)
 )
-# Precision from FP8_RECIPE (tensorwise by default; delayed, none): precision_lib.sh says why.
-source "$ROOT/examples/scripts/precision_lib.sh"
-prores_dtype_args
-MODEL_PARALLEL_ARGS=(
-    --tensor-model-parallel-size "$TP" --sequence-parallel --pipeline-model-parallel-size "$PP"
-)
+MODEL_PARALLEL_ARGS=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP")
 if [[ -n "$PP_LAYOUT" ]]; then
     MODEL_PARALLEL_ARGS+=(--pipeline-model-parallel-layout "$PP_LAYOUT")
 fi
 if [[ -n "$VPP" ]]; then  # with PP_LAYOUT too, the dry run / Megatron refuses the pair by name
     MODEL_PARALLEL_ARGS+=(--num-virtual-stages-per-pipeline-rank "$VPP")
 fi
-DDP_ARGS=(--use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather)
-if [[ "$MOCK" == 1 ]]; then
-    DATA_ARGS=(--mock-data --tokenizer-type NullTokenizer --vocab-size 32000 --split 99,1,0)
-else
-    if [[ -z "$DATA_PATH" || -z "$TOKENIZER_MODEL" ]]; then
-        echo "pretrain_120l_prores.sh: set DATA_PATH (indexed-dataset prefix) and" \
-             "TOKENIZER_MODEL (SentencePiece tokenizer.model), or MOCK=1 for synthetic data" >&2
-        exit 2
-    fi
-    read -r -a DATA_PATH_ARR <<< "$DATA_PATH"
-    DATA_ARGS=(--data-path "${DATA_PATH_ARR[@]}" --split 99,1,0
-               --tokenizer-type Llama2Tokenizer --tokenizer-model "$TOKENIZER_MODEL")
-fi
-EVAL_AND_LOGGING_ARGS=(
-    --save "$CHECKPOINT_PATH" --load "$CHECKPOINT_PATH" --save-interval 1000 --ckpt-format torch_dist
-    --log-interval 1 --eval-interval 1000 --eval-iters 10
-    --tensorboard-dir "$TENSORBOARD_LOGS_PATH" --log-throughput --distributed-timeout-minutes 60
-)
+prores_dtype_args
+prores_perf_args "$TP"
+prores_data_args "$NAME"
+prores_lifetime_args
+prores_logging_args "$NAME"
+prores_profile_args
 PRORES_ARGS=(--prores-schedule "$PRORES_SCHEDULE" --prores-warmup-steps "$PRORES_WARMUP_STEPS")
 ALL_ARGS=(
     "${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${DTYPE_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}"
-    "${DDP_ARGS[@]}" "${DATA_ARGS[@]}" "${EVAL_AND_LOGGING_ARGS[@]}" "${PRORES_ARGS[@]}" "${EXTRA[@]}"
+    "${PERF_ARGS[@]}" "${DATA_ARGS[@]}" "${LIFETIME_ARGS[@]}" "${LOGGING_ARGS[@]}" "${PROFILE_ARGS[@]}"
+    "${PRORES_ARGS[@]}" "${EXTRA[@]}"
 )
 
-export CUDA_DEVICE_MAX_CONNECTIONS=1  # TP/SP comm ordering on Hopper (asserted for TP > 1)
+prores_cluster_env
 if [[ "$DRY_RUN" == 1 ]]; then
     source "$ROOT/examples/scripts/dry_run_lib.sh"
     prores_dry_run --dry-run-vocab-size 32000 -- "${ALL_ARGS[@]}"
 fi
-if [[ "$MOCK" != 1 && ! -f "$TOKENIZER_MODEL" ]]; then
-    echo "pretrain_120l_prores.sh: TOKENIZER_MODEL=$TOKENIZER_MODEL is not a file" >&2
+if [[ "${MOCK:-0}" != 1 && ! -f "$TOKENIZER_MODEL" ]]; then
+    echo "$NAME: TOKENIZER_MODEL=$TOKENIZER_MODEL is not a file" >&2
     exit 2
 fi
-mkdir -p "$CHECKPOINT_PATH" "$TENSORBOARD_LOGS_PATH"
-exec torchrun "${DISTRIBUTED_ARGS[@]}" -m prores_megatron.training.pretrain_gpt "${ALL_ARGS[@]}"
+mkdir -p "$CHECKPOINT_PATH" "$TENSORBOARD_LOGS_PATH" "$RUN_DIR/data_cache"
+[[ "${PROFILE:-0}" == 1 ]] && mkdir -p "$RUN_DIR/profile"
+exec "${LAUNCH_PREFIX[@]}" "$PYTHON" -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" \
+    -m prores_megatron.training.pretrain_gpt "${ALL_ARGS[@]}"

@@ -78,6 +78,7 @@ def plan_from_script(script: str) -> tuple:
     env = dict(os.environ, DRY_RUN="1")
     env["DRY_RUN_ARGS"] = (env.get("DRY_RUN_ARGS", "") + " --json").strip()
     env.setdefault("PYTHON", sys.executable)  # this interpreter has the package; no venv rebuild
+    env.setdefault("MASTER_ADDR", "plan-host")  # the plan needs no rendezvous; multi-node scripts refuse none
     proc = subprocess.run(["bash", str(path)], env=env, capture_output=True, text=True)
     try:
         report = json.loads(proc.stdout)

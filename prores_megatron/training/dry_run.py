@@ -47,6 +47,8 @@ def _dry_run_parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run-master-port", type=int, default=6000, help="torchrun --master_port")
     g.add_argument("--dry-run-launcher", default="torchrun",
                    help="the launcher command, shell-quoted (e.g. 'python -m torch.distributed.run')")
+    g.add_argument("--dry-run-outer-launcher", default="",
+                   help="what starts the launcher on every node, shell-quoted (e.g. 'srun ...'), reported")
     g.add_argument("--dry-run-gpu-arch", type=int, default=9,
                    help="compute-capability major of the target GPUs (9 = Hopper, 10 = Blackwell); "
                         "Megatron-LM's checks for TP/CP > 1 depend on it")
@@ -84,7 +86,36 @@ def _launch(dry) -> dict:
         nnodes, nproc = 1, world
     if not 0 <= dry.dry_run_node_rank < nnodes:
         raise DryRunError(f"--dry-run-node-rank {dry.dry_run_node_rank} is not in 0..{nnodes - 1}")
+    if nnodes > 1 and dry.dry_run_master_addr.strip().lower() in LOCAL_ADDRESSES:
+        raise DryRunError(
+            f"MASTER_ADDR={dry.dry_run_master_addr or '(unset)'} with {nnodes} nodes: every node but the "
+            "first would wait for a rendezvous on itself and hang. Set MASTER_ADDR to the first node's "
+            "hostname or address (under SLURM the launch scripts take it from SLURM_JOB_NODELIST)"
+        )
     return dict(world_size=world, nnodes=nnodes, nproc_per_node=nproc)
+
+
+LOCAL_ADDRESSES = ("", "localhost", "127.0.0.1", "::1", "0.0.0.0")
+
+
+def _versions() -> dict:
+    """torch, CUDA, megatron-core and Transformer Engine of the interpreter running the dry run (the
+    launch scripts run the job with the same one), without importing TE (it needs a GPU)."""
+    from importlib import metadata
+
+    import torch
+
+    def dist(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    te = next((v for v in (dist("transformer_engine"), dist("transformer-engine"),
+                           dist("transformer_engine_torch")) if v), None)
+    return dict(python=sys.version.split()[0], torch=torch.__version__, cuda=torch.version.cuda,
+                megatron_core=dist("megatron-core") or dist("megatron_core"), transformer_engine=te,
+                interpreter=sys.executable)
 
 
 @contextlib.contextmanager
@@ -329,6 +360,8 @@ def run(argv) -> dict:
         assumptions=assumptions,
         command=shlex.join(command),
         argv=command,
+        launcher=dict(outer=dry.dry_run_outer_launcher or None, per_node=dry.dry_run_launcher),
+        versions=_versions(),
     )
 
 
@@ -387,7 +420,12 @@ def format_report(report: dict) -> str:
     for title, items in (("WARNING", report["warnings"]), ("note", report["notes"]),
                          ("assumed", report["assumptions"])):
         out += [f"{title}: {item}" for item in items]
-    out += ["", "Command (run on every node, with its --node_rank):", report["command"]]
+    v = report["versions"]
+    out += ["", f"Versions (this interpreter, {v['interpreter']}): torch {v['torch']} (CUDA {v['cuda'] or 'none'}), "
+            f"megatron-core {v['megatron_core']}, Transformer Engine {v['transformer_engine'] or 'not installed'}"]
+    outer = report["launcher"]["outer"]
+    out += ["", f"Command (on every node{', started by ' + outer if outer else ''}, with its --node_rank):",
+            report["command"]]
     return "\n".join(out)
 
 

@@ -23,13 +23,18 @@ SCRIPTS = ROOT / "examples" / "scripts"
 PATCH = ROOT / "patches" / "megatron-lm-core_r0.19.0-pretrain_gpt-prores.patch"
 
 # script -> (extra environment, world size it is meant for, L)
+NODE = dict(MOCK="1", MASTER_ADDR="node001")  # 8 nodes need a real rendezvous address
 LAUNCHES = {
-    "llama2_7b": ("pretrain_llama2_7b_prores.sh", dict(MOCK="1"), 64, 32),
-    "120l": ("pretrain_120l_prores.sh", dict(MOCK="1"), 64, 120),
+    "llama2_7b": ("pretrain_llama2_7b_prores.sh", NODE, 64, 32),
+    "120l": ("pretrain_120l_prores.sh", NODE, 64, 120),
     "tiny_cpu": ("pretrain_tiny_cpu.sh", dict(MASTER_PORT="29999"), 2, 8),
     # deliberately broken through the script's own knobs: 120 layers over 7 stages, no layout
-    "120l_pp7": ("pretrain_120l_prores.sh", dict(MOCK="1", PP="7", PP_LAYOUT=""), 64, 120),
-    "llama2_7b_delayed": ("pretrain_llama2_7b_prores.sh", dict(MOCK="1", FP8_RECIPE="delayed"), 64, 32),
+    "120l_pp7": ("pretrain_120l_prores.sh", dict(NODE, PP="7", PP_LAYOUT=""), 64, 120),
+    "llama2_7b_delayed": ("pretrain_llama2_7b_prores.sh", dict(NODE, FP8_RECIPE="delayed"), 64, 32),
+    # every optional group switched on: Megatron-LM's validation must accept each flag
+    "120l_options": ("pretrain_120l_prores.sh", dict(NODE, ASYNC_SAVE="1", NON_PERSISTENT_SAVE_INTERVAL="100",
+                                                     PROFILE="1", WANDB_PROJECT="prores", RECOMPUTE="full",
+                                                     EXIT_DURATION_MINS="230", FP8_RECIPE="delayed"), 64, 120),
 }
 
 
@@ -106,19 +111,35 @@ def test_120_layer_dry_run_end_to_end(dry_runs):
     """`DRY_RUN=1 bash pretrain_120l_prores.sh` itself: the same report, on stdout, exit 0."""
     run = dry_runs["120l"]["subprocess"]
     assert run["rc"] == 0, run["stderr"][-3000:]
-    assert json.loads(run["stdout"]) == dry_runs["120l"]["report"]
+    def same_but_interpreter(report):  # the in-process run had a recording stub as PYTHON
+        report = dict(report, argv=report["argv"][1:])
+        for key in ("launcher", "command"):
+            report.pop(key)
+        return report
+
+    report = json.loads(run["stdout"])
+    assert same_but_interpreter(report) == same_but_interpreter(dry_runs["120l"]["report"])
+    assert report["argv"][:3] == [sys.executable, "-m", "torch.distributed.run"]
 
 
 def test_llama2_7b_dry_run(dry_runs):
     report = dry_runs["llama2_7b"]["report"]
     assert report["params"]["total"] == 6_738_415_616  # Llama-2-7B, untied, vocabulary 32000
     p = report["parallel"]
-    assert (p["tensor"], p["pipeline"], p["data"], p["sequence_parallel"]) == (2, 1, 32, True)
+    assert (p["tensor"], p["pipeline"], p["data"], p["sequence_parallel"]) == (1, 1, 64, False)
     argv = report["argv"]
-    for flag in ("--fp8-format", "--use-distributed-optimizer",
-                 "--overlap-grad-reduce", "--overlap-param-gather", "--recompute-granularity",
-                 "--tensorboard-dir", "--bf16"):
-        assert flag in argv
+    # NVIDIA's H100 FP8 recipe flags (Megatron-LM examples/llama/train_llama3_8b_h100_fp8.sh), all
+    # accepted by Megatron-LM's own validation (the dry run ran it).
+    for flag in ("--fp8-format", "--fp8-param-gather", "--use-distributed-optimizer", "--overlap-grad-reduce",
+                 "--overlap-param-gather", "--grad-reduce-in-bf16", "--cross-entropy-loss-fusion", "--manual-gc",
+                 "--exit-signal-handler", "--data-cache-path", "--num-workers",
+                 "--no-create-attention-mask-in-dataloader", "--tensorboard-dir", "--log-timers-to-tensorboard",
+                 "--log-memory-to-tensorboard", "--bf16"):
+        assert flag in argv, flag
+    assert "--recompute-granularity" not in argv and "--tp-comm-overlap" not in argv  # TP 1
+    assert argv[argv.index("--prores-monitor-interval") + 1] == "100"
+    # 57 GiB per GPU at TP 1 (Megatron-LM's estimate): an 80 GB H100 holds it, so no TP is needed.
+    assert 50 * 1024 < report["memory_estimate"]["total_mb"] < 64 * 1024
     assert argv[argv.index("--transformer-impl") + 1] == "transformer_engine"
     assert argv[argv.index("--ckpt-format") + 1] == "torch_dist"
     plan = report["alpha_plan"]
@@ -136,11 +157,23 @@ def test_fp8_recipe_is_a_script_variable(dry_runs, name, recipe, history):
     assert ("--fp8-amax-history-len" in argv) == history
 
 
+def test_optional_groups_pass_megatron_validation(dry_runs):
+    run = dry_runs["120l_options"]
+    assert run["error"] is None, run["error"]
+    argv = run["report"]["argv"]
+    for flag in ("--async-save", "--non-persistent-save-interval", "--non-persistent-ckpt-type", "--profile",
+                 "--profile-step-start", "--wandb-project", "--recompute-granularity", "--exit-duration-in-mins"):
+        assert flag in argv, flag
+    assert argv[:3] == ["nsys", "profile", "-s"]  # PROFILE=1: Nsight Systems around the launcher
+    assert "--capture-range=cudaProfilerApi" in argv
+    assert run["report"]["launcher"]["per_node"].startswith("nsys profile")
+
+
 @pytest.mark.parametrize("recipe, ok", [("none", True), ("mxfp9", False)])
 def test_fp8_recipe_none_is_bf16_and_unknown_is_refused(tmp_path, recipe, ok):
     stub = recording_stub(tmp_path / "stub" / "python")
     proc = subprocess.run(["bash", str(SCRIPTS / "pretrain_llama2_7b_prores.sh")],
-                          env=script_env(tmp_path, dict(MOCK="1", FP8_RECIPE=recipe, PYTHON=str(stub))),
+                          env=script_env(tmp_path, dict(NODE, FP8_RECIPE=recipe, PYTHON=str(stub))),
                           capture_output=True, text=True, timeout=60)
     if ok:
         argv = json.loads(proc.stdout)["argv"]
@@ -168,6 +201,10 @@ def test_120_layer_dry_run_uses_the_documented_balanced_layout(dry_runs):
     assert 6.0e9 < report["params"]["total"] < 6.5e9
     assert report["alpha_plan"]["full_step"][-1] == 500.0 * 120 and not report["warnings"]
     assert 0 < report["memory_estimate"]["total_mb"] < 80 * 1024  # Megatron-LM's own estimator
+    argv = report["argv"]
+    for flag in ("--sequence-parallel", "--tp-comm-overlap", "--fp8-param-gather", "--grad-reduce-in-bf16",
+                 "--exit-signal-handler", "--prores-monitor-interval"):  # TP 2: SP and TP overlap
+        assert flag in argv, flag
 
 
 def test_tiny_cpu_dry_run_matches_its_launch_line(dry_runs):
@@ -192,17 +229,19 @@ def test_broken_script_configuration_is_refused(dry_runs, capsys):
 
 
 def test_script_runs_exactly_the_dry_run_command(dry_runs, tmp_path):
-    """The 120-layer script, not in dry-run mode, with a recording stub as torchrun."""
-    stub = recording_stub(tmp_path / "bin" / "torchrun")
+    """The 120-layer script, not in dry-run mode, with a recording stub as PYTHON: it launches
+    ``$PYTHON -m torch.distributed.run`` with exactly the dry run's command (same interpreter)."""
+    stub = recording_stub(tmp_path / "bin" / "python")
     expected = dry_runs["120l"]["report"]["argv"]
-    env = script_env(tmp_path, dict(MOCK="1", DRY_RUN="0", PATH=f"{stub.parent}:{os.environ['PATH']}",
+    env = script_env(tmp_path, dict(NODE, DRY_RUN="0", PYTHON=str(stub),
                                     CHECKPOINT_PATH=expected[expected.index("--save") + 1],
                                     TENSORBOARD_LOGS_PATH=expected[expected.index("--tensorboard-dir") + 1]))
     proc = subprocess.run(["bash", str(SCRIPTS / "pretrain_120l_prores.sh")], env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     recorded = json.loads(proc.stdout)
-    assert ["torchrun", *recorded["argv"]] == expected
+    assert Path(expected[0]).name == "python" and recorded["argv"] == expected[1:]
+    assert expected[1:3] == ["-m", "torch.distributed.run"]
     assert recorded["cuda_device_max_connections"] == "1"
 
 
@@ -428,6 +467,15 @@ def test_patch_uses_existing_public_prores_names():
         package = importlib.import_module(node.module)
         for alias in node.names:
             assert alias.name in package.__all__ and getattr(package, alias.name) is not None, alias.name
+
+
+def test_patch_installs_the_cpu_shim_only_when_asked():
+    """A GPU job on a node whose GPUs vanished must fail like stock Megatron-LM, not train on CPU."""
+    code = added_code()
+    assert code.count("install_cpu_shim()") == 1
+    guard = code[:code.index("install_cpu_shim()")].rstrip().splitlines()
+    assert any('os.environ.get("PRORES_CPU_SHIM") == "1"' in line for line in guard[-4:])
+    assert "torch.cuda.is_available()" not in code
 
 
 def test_patch_reads_every_prores_flag_through_the_shared_integration():
