@@ -315,8 +315,6 @@ def test_cosine_skips_interrupted_saves_with_a_note(tiny_run, tmp_path):
     assert f"note: skipping {save / 'iter_0000008'}: incomplete or unreadable" in proc.stderr
     with open(out / "cosine.csv") as f:
         assert [int(r[0]) for r in list(csv.reader(f))[1:]] == [4, 12]
-    proc = cli("cosine", "--checkpoints", save, "--out", out, "--iterations", "8")
-    assert proc.returncode == 2 and "--iterations: no complete checkpoint for 8" in proc.stderr
 
 
 def test_checkpoint_model_holds_the_saved_weights(tiny_run, mcore_world1):
