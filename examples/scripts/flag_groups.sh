@@ -161,3 +161,52 @@ prores_cluster_env() {
     export NCCL_P2P_NET_CHUNKSIZE=${NCCL_P2P_NET_CHUNKSIZE:-2097152}
     export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache-${USER:-user}-${SLURM_JOB_ID:-local}-node${NODE_RANK:-0}}
 }
+
+# prores_paths NAME [CHECKPOINT_PATH [TENSORBOARD_LOGS_PATH [TOKENIZER_MODEL [DATA_PATH]]]]: the
+# positional arguments (Megatron-LM example style) over the variables, then prores_run_dir.
+prores_paths() {
+    local name=$1
+    shift
+    CHECKPOINT_PATH=${1:-${CHECKPOINT_PATH:-}}
+    TENSORBOARD_LOGS_PATH=${2:-${TENSORBOARD_LOGS_PATH:-}}
+    TOKENIZER_MODEL=${3:-${TOKENIZER_MODEL:-}}
+    DATA_PATH=${4:-${DATA_PATH:-}}
+    [[ -n "$CHECKPOINT_PATH" ]] || unset CHECKPOINT_PATH
+    [[ -n "$TENSORBOARD_LOGS_PATH" ]] || unset TENSORBOARD_LOGS_PATH
+    prores_run_dir "$name"
+}
+
+# prores_shared_groups NAME TP: every group above into SHARED_ARGS (LAUNCH_PREFIX from profiling).
+prores_shared_groups() {
+    local name=$1 tp=$2
+    prores_dtype_args
+    prores_perf_args "$tp"
+    prores_data_args "$name"
+    prores_lifetime_args
+    prores_logging_args "$name"
+    prores_profile_args
+    SHARED_ARGS=("${DTYPE_ARGS[@]}" "${PERF_ARGS[@]}" "${DATA_ARGS[@]}" "${LIFETIME_ARGS[@]}"
+                 "${LOGGING_ARGS[@]}" "${PROFILE_ARGS[@]}")
+}
+
+# prores_launch NAME: with DRY_RUN=1 the dry run of ALL_ARGS (vocabulary 32000, Llama-2's, when the
+# tokenizer file is not here), else one torchrun for this node with the process environment above.
+# Never returns.
+prores_launch() {
+    local name=$1
+    local distributed=(--nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
+                       --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+    prores_cluster_env
+    if [[ "${DRY_RUN:-0}" == 1 ]]; then
+        source "$ROOT/examples/scripts/dry_run_lib.sh"
+        prores_dry_run --dry-run-vocab-size 32000 -- "${ALL_ARGS[@]}"
+    fi
+    if [[ "${MOCK:-0}" != 1 && ! -f "$TOKENIZER_MODEL" ]]; then
+        echo "$name: TOKENIZER_MODEL=$TOKENIZER_MODEL is not a file" >&2
+        exit 2
+    fi
+    mkdir -p "$CHECKPOINT_PATH" "$TENSORBOARD_LOGS_PATH" "$RUN_DIR/data_cache"
+    if [[ "${PROFILE:-0}" == 1 ]]; then mkdir -p "$RUN_DIR/profile"; fi
+    exec "${LAUNCH_PREFIX[@]}" "$PYTHON" -m torch.distributed.run "${distributed[@]}" \
+        -m prores_megatron.training.pretrain_gpt "${ALL_ARGS[@]}"
+}

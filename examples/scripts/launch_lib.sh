@@ -61,3 +61,25 @@ prores_exit_duration() {
     (( minutes >= 2 * margin )) || return 0
     export EXIT_DURATION_MINS=$(( minutes - margin ))
 }
+
+# prores_sbatch_run NAME SCRIPT: the body of the sbatch scripts. Needs CONTAINER_IMAGE; runs
+# `bash examples/scripts/SCRIPT` on every node through one srun task per node inside the container
+# (pyxis/enroot), the repository mounted at its own path (+ CONTAINER_MOUNTS, SRUN_ARGS), every line
+# of the job's single log labelled with its task. Never returns.
+prores_sbatch_run() {
+    local name=$1 script=$2 mounts extra
+    if [[ -z "${CONTAINER_IMAGE:-}" ]]; then
+        echo "$name: set CONTAINER_IMAGE (an image with torch, Transformer Engine and" \
+             "prores-megatron; docs/usage.md, Containers)" >&2
+        exit 2
+    fi
+    prores_exit_duration 15
+    mounts="$ROOT:$ROOT${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}"
+    read -r -a extra <<< "${SRUN_ARGS:-}"
+    echo "job ${SLURM_JOB_ID:-?}: ${SLURM_NNODES:-?} nodes (${SLURM_JOB_NODELIST:-?}), image $CONTAINER_IMAGE," \
+         "exit after ${EXIT_DURATION_MINS:-unlimited} min"
+    exec srun --ntasks-per-node=1 --label --kill-on-bad-exit=1 \
+        --container-image="$CONTAINER_IMAGE" --container-mounts="$mounts" --container-workdir="$ROOT" \
+        --no-container-mount-home "${extra[@]}" \
+        bash "$ROOT/examples/scripts/$script"
+}

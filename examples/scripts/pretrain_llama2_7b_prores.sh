@@ -38,13 +38,7 @@ source "$ROOT/examples/scripts/launch_lib.sh"
 source "$ROOT/examples/scripts/flag_groups.sh"
 prores_python
 prores_rendezvous "$NAME" 8
-CHECKPOINT_PATH=${1:-${CHECKPOINT_PATH:-}}
-TENSORBOARD_LOGS_PATH=${2:-${TENSORBOARD_LOGS_PATH:-}}
-TOKENIZER_MODEL=${3:-${TOKENIZER_MODEL:-}}
-DATA_PATH=${4:-${DATA_PATH:-}}
-[[ -n "$CHECKPOINT_PATH" ]] || unset CHECKPOINT_PATH
-[[ -n "$TENSORBOARD_LOGS_PATH" ]] || unset TENSORBOARD_LOGS_PATH
-prores_run_dir "$NAME"
+prores_paths "$NAME" "$@"
 DRY_RUN=${DRY_RUN:-0}
 TP=${TP:-1}
 PP=${PP:-1}
@@ -55,10 +49,6 @@ PRORES_SCHEDULE=${PRORES_SCHEDULE:-linear}
 PRORES_WARMUP_STEPS=${PRORES_WARMUP_STEPS:-1000}
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 
-DISTRIBUTED_ARGS=(
-    --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
-)
 MODEL_ARGS=(
     --num-layers 32 --hidden-size 4096 --ffn-hidden-size 11008 --num-attention-heads 32
     --seq-length 4096 --max-position-embeddings 4096
@@ -75,30 +65,10 @@ TRAINING_ARGS=(
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
 )
 MODEL_PARALLEL_ARGS=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP")
-prores_dtype_args
-prores_perf_args "$TP"
-prores_data_args "$NAME"
-prores_lifetime_args
-prores_logging_args "$NAME"
-prores_profile_args
+prores_shared_groups "$NAME" "$TP"
 PRORES_ARGS=(--prores-schedule "$PRORES_SCHEDULE" --prores-warmup-steps "$PRORES_WARMUP_STEPS")
 ALL_ARGS=(
-    "${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${DTYPE_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}"
-    "${PERF_ARGS[@]}" "${DATA_ARGS[@]}" "${LIFETIME_ARGS[@]}" "${LOGGING_ARGS[@]}" "${PROFILE_ARGS[@]}"
+    "${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}" "${SHARED_ARGS[@]}"
     "${PRORES_ARGS[@]}" "${EXTRA[@]}"
 )
-
-prores_cluster_env
-if [[ "$DRY_RUN" == 1 ]]; then
-    source "$ROOT/examples/scripts/dry_run_lib.sh"
-    # Llama-2's tokenizer has 32000 tokens: the parameter count uses it when tokenizer.model is not here.
-    prores_dry_run --dry-run-vocab-size 32000 -- "${ALL_ARGS[@]}"
-fi
-if [[ "${MOCK:-0}" != 1 && ! -f "$TOKENIZER_MODEL" ]]; then
-    echo "$NAME: TOKENIZER_MODEL=$TOKENIZER_MODEL is not a file" >&2
-    exit 2
-fi
-mkdir -p "$CHECKPOINT_PATH" "$TENSORBOARD_LOGS_PATH" "$RUN_DIR/data_cache"
-[[ "${PROFILE:-0}" == 1 ]] && mkdir -p "$RUN_DIR/profile"
-exec "${LAUNCH_PREFIX[@]}" "$PYTHON" -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" \
-    -m prores_megatron.training.pretrain_gpt "${ALL_ARGS[@]}"
+prores_launch "$NAME"

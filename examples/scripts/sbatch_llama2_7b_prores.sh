@@ -25,22 +25,9 @@
 #                     send SIGTERM, which --exit-signal-handler turns into a save too
 set -euo pipefail
 ROOT=${PRORES_ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}
-if [[ -z "${CONTAINER_IMAGE:-}" ]]; then
-    echo "sbatch_llama2_7b_prores.sh: set CONTAINER_IMAGE (an image with torch, Transformer Engine and" \
-         "prores-megatron; docs/usage.md, Containers)" >&2
-    exit 2
-fi
-if [[ ! -f "$ROOT/examples/scripts/pretrain_llama2_7b_prores.sh" ]]; then
+if [[ ! -f "$ROOT/examples/scripts/launch_lib.sh" ]]; then
     echo "sbatch_llama2_7b_prores.sh: $ROOT is not the prores-megatron repository; submit from it or set PRORES_ROOT" >&2
     exit 2
 fi
 source "$ROOT/examples/scripts/launch_lib.sh"
-prores_exit_duration 15
-MOUNTS="$ROOT:$ROOT${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}"
-read -r -a EXTRA_SRUN <<< "${SRUN_ARGS:-}"
-echo "job ${SLURM_JOB_ID:-?}: ${SLURM_NNODES:-?} nodes (${SLURM_JOB_NODELIST:-?}), image $CONTAINER_IMAGE," \
-     "exit after ${EXIT_DURATION_MINS:-unlimited} min"
-exec srun --ntasks-per-node=1 --label --kill-on-bad-exit=1 \
-    --container-image="$CONTAINER_IMAGE" --container-mounts="$MOUNTS" --container-workdir="$ROOT" \
-    --no-container-mount-home "${EXTRA_SRUN[@]}" \
-    bash "$ROOT/examples/scripts/pretrain_llama2_7b_prores.sh"
+prores_sbatch_run sbatch_llama2_7b_prores.sh pretrain_llama2_7b_prores.sh
