@@ -29,6 +29,7 @@ own eval at that checkpoint used iteration - 1: ``overrides={"step": iteration -
 """
 
 import json
+import math
 import re
 import shutil
 import time
@@ -219,7 +220,7 @@ def preflight(checkpoint, output, dtype="bfloat16", tokenizer_model=None, overri
     _validate_hf_config(config, notes)
     # The weights, the tokenizer (its model and transformers' JSON, a few times the model's size)
     # and 1 MiB of JSON. The old export stays until the new one is complete: both must fit.
-    needed = sum(_numel(shape) for _, shape in layout.hf_tensors()) * out_dtype.itemsize + 2**20
+    needed = sum(math.prod(shape) for _, shape in layout.hf_tensors()) * out_dtype.itemsize + 2**20
     if sp is not None:
         needed += 4 * Path(tokenizer_model).stat().st_size
     try:
@@ -230,13 +231,6 @@ def preflight(checkpoint, output, dtype="bfloat16", tokenizer_model=None, overri
         notes.append(f"the run used tokenizer {ckpt.args.tokenizer_model}; pass --tokenizer-model to include it")
     return dict(ckpt=ckpt, layout=layout, notes=notes, sp=sp, output=output, out_dtype=out_dtype,
                 dtype_name=dtype_name, config=config, bos=bos, eos=eos, max_shard_bytes=max_shard_bytes)
-
-
-def _numel(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def export_to_hf(checkpoint, output, dtype="bfloat16", tokenizer_model=None, overrides=None,

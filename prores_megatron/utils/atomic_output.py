@@ -30,6 +30,7 @@ Contract:
   hold ``path`` has less than ``needed`` bytes free, naming both sizes.
 """
 
+import glob
 import os
 import re
 import shutil
@@ -78,8 +79,8 @@ def clear_leftovers(output, log=None, error=OutputExistsError):
     if not output.parent.is_dir():
         return
     host = socket.gethostname()
-    found = sorted(output.parent.glob(f".{_glob_escape(output.name)}.partial-*")) + sorted(
-        output.parent.glob(f".{_glob_escape(output.name)}.old-*"))
+    found = sorted(output.parent.glob(f".{glob.escape(output.name)}.partial-*")) + sorted(
+        output.parent.glob(f".{glob.escape(output.name)}.old-*"))
     for path in found:
         kind = "partial" if path.name.startswith(f".{output.name}.partial-") else "old"
         owner = _OWNER.match(path.name[len(f".{output.name}.{kind}-"):])
@@ -103,10 +104,6 @@ def clear_leftovers(output, log=None, error=OutputExistsError):
             continue
         _remove(path)
         say(f"removed {path}, left by an interrupted write (pid {pid}, no longer running)")
-
-
-def _glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def check_free_space(path, needed: int, what: str, error=OutputExistsError):
