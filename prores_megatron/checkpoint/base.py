@@ -2,7 +2,9 @@
 
 Contract:
 - ``MegatronCheckpoint`` is the interface ``open_checkpoint`` (``checkpoint.reader``) returns:
-  ``args`` / ``iteration`` are the saved Megatron arguments and iteration; ``shapes`` maps every
+  ``args`` / ``iteration`` are the saved Megatron arguments and iteration (``args`` is the
+  caller's ``saved_args`` instead when given: a checkpoint that stores no Megatron-LM arguments,
+  such as a Megatron-Bridge one, whose settings its caller read elsewhere, e.g. ``run_config.yaml``); ``shapes`` maps every
   model tensor to its global shape and dtype under torch_dist's names (``decoder.layers.<name>``
   stacked on a leading layer axis, TP shards merged, padded vocab rows kept), whatever layout
   (TP/PP/VPP) the run used; ``read_layer(i, names)`` returns layer ``i`` (0-based, global) of the
@@ -115,10 +117,17 @@ class MegatronCheckpoint:
     def read(self, name: str):
         raise NotImplementedError
 
-    def _finish_common(self, common: dict, source: str):
-        if not isinstance(common, dict) or "args" not in common or common["args"] is None:
-            raise CheckpointError(f"{source}: no saved Megatron arguments ('args'); not a Megatron-LM checkpoint")
-        self.args = common["args"]
+    def _finish_common(self, common: dict, source: str, saved_args=None):
+        if saved_args is not None:  # the caller's (see module docstring); the common state's are ignored
+            if not isinstance(common, dict):
+                raise CheckpointError(f"{source}: the common state is not a dict; not a Megatron checkpoint")
+            self.args = saved_args
+        elif not isinstance(common, dict) or "args" not in common or common["args"] is None:
+            raise CheckpointError(
+                f"{source}: no saved Megatron arguments ('args'); not a Megatron-LM checkpoint (a "
+                "Megatron-Bridge checkpoint is exported with python -m prores_megatron.bridge.export)")
+        else:
+            self.args = common["args"]
         iteration = common.get("iteration", getattr(self.args, "iteration", None))
         if iteration is None:
             raise CheckpointError(f"{source}: no saved 'iteration'")

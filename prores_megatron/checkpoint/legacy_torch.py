@@ -112,7 +112,7 @@ class LegacyTorchCheckpoint(MegatronCheckpoint):
 
     format = "torch"
 
-    def __init__(self, it_dir: Path):
+    def __init__(self, it_dir: Path, saved_args=None):
         self.directory = it_dir
         register_megatron_safe_globals()
         files = {}
@@ -127,7 +127,7 @@ class LegacyTorchCheckpoint(MegatronCheckpoint):
         if first is None:
             raise CheckpointError(f"{it_dir}: no mp_rank_00 or mp_rank_00_000 directory")
         self._states = {(0, 0): self._open(first)}  # every file stays mapped; see the class docstring
-        self._finish_common(self._states[(0, 0)], str(first))
+        self._finish_common(self._states[(0, 0)], str(first), saved_args)
         tp = int(getattr(self.args, "tensor_model_parallel_size", 1) or 1)
         pp = int(getattr(self.args, "pipeline_model_parallel_size", 1) or 1)
         self.tp, self.pp = tp, pp

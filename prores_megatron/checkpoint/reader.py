@@ -3,6 +3,10 @@
 Contract: ``open_checkpoint(path)`` takes a Megatron save directory (``latest_checkpointed_iteration.txt``
 + ``iter_*``) or one iteration directory, in ``torch_dist`` (the default) or the legacy per-rank
 ``torch`` format, and returns a ``MegatronCheckpoint`` (``checkpoint.base``).
+``open_checkpoint(path, saved_args)`` reads a checkpoint that stores no Megatron-LM arguments
+(Megatron-Bridge writes ``run_config.yaml`` instead) with the settings its caller supplies: an
+``argparse.Namespace`` under Megatron-LM's argument names (``prores_megatron.bridge.export``
+makes one from a Bridge checkpoint's ``run_config.yaml``).
 
 Everything that can be checked without reading tensor data is checked when the checkpoint is
 opened: the directory layout, the saved arguments, and that every data file exists and is as long
@@ -25,13 +29,13 @@ from .legacy_torch import LegacyTorchCheckpoint
 from .torch_dist import TorchDistCheckpoint
 
 
-def open_checkpoint(path) -> MegatronCheckpoint:
+def open_checkpoint(path, saved_args=None) -> MegatronCheckpoint:
     """Open and validate the checkpoint at ``path`` (see module docstring)."""
     it_dir = resolve_iteration_dir(path)
     if (it_dir / ".metadata").exists():
-        return TorchDistCheckpoint(it_dir)
+        return TorchDistCheckpoint(it_dir, saved_args)
     if any(it_dir.glob("mp_rank_*")):
-        return LegacyTorchCheckpoint(it_dir)
+        return LegacyTorchCheckpoint(it_dir, saved_args)
     raise CheckpointError(f"{it_dir}: neither a torch_dist ('.metadata') nor a legacy ('mp_rank_*') checkpoint")
 
 

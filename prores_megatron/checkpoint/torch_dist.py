@@ -59,7 +59,7 @@ class TorchDistCheckpoint(MegatronCheckpoint):
 
     format = "torch_dist"
 
-    def __init__(self, it_dir: Path):
+    def __init__(self, it_dir: Path, saved_args=None):
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
@@ -79,7 +79,7 @@ class TorchDistCheckpoint(MegatronCheckpoint):
         self.shapes = {k: (torch.Size(md.size), md.properties.dtype) for k, md in self._tensors.items()}
         self._check_files()
         register_megatron_safe_globals()
-        self._finish_common(self._load_common(common_keys), str(it_dir))
+        self._finish_common(self._load_common(common_keys), str(it_dir), saved_args)
 
     def _check_backend(self):
         meta = self.directory / "metadata.json"

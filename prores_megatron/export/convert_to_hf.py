@@ -73,10 +73,13 @@ def _signal_name(signum):
     return signal.Signals(signum).name
 
 
-def main(argv=None):
+def main(argv=None, saved_args_from=None):
+    """``saved_args_from(checkpoint_path) -> Namespace`` supplies the model settings of a checkpoint
+    that stores no Megatron-LM arguments (``prores_megatron.bridge.export``); it may raise
+    ``CheckpointError``/``ExportError`` (exit status 2, like every refusal)."""
     held, previous = _held_signals()
     try:
-        return _main(argv, held)
+        return _main(argv, held, saved_args_from)
     except Interrupted as stop:
         print(f"prores-megatron-convert-to-hf: stopped by {_signal_name(stop.signum)}; the partial export "
               "was removed and nothing was written", file=sys.stderr, flush=True)
@@ -86,7 +89,7 @@ def main(argv=None):
             signal.signal(s, handler)
 
 
-def _main(argv, held):
+def _main(argv, held, saved_args_from=None):
     args = build_parser().parse_args(argv)
     # megatron-core is imported only for its pickle allow-list; its "no TE/Apex kernels" warnings
     # say nothing about an export, which runs no fused kernel.
@@ -110,9 +113,10 @@ def _main(argv, held):
             print(message, file=sys.stderr, flush=True)
 
     try:
+        saved_args = saved_args_from(args.checkpoint) if saved_args_from is not None else None
         export_to_hf(args.checkpoint, args.output, dtype=args.dtype, tokenizer_model=args.tokenizer_model,
                      overrides=overrides, force=args.force, max_shard_size=args.max_shard_size, log=log,
-                     threads=args.threads)
+                     threads=args.threads, saved_args=saved_args)
     except (ExportError, CheckpointError) as err:
         print(f"prores-megatron-convert-to-hf: error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -1,7 +1,9 @@
 """Export a Megatron (ProRes) GPT checkpoint as a Hugging Face Llama directory: exact, streamed, atomic.
 
 Contract: ``export_to_hf(checkpoint, output, dtype=..., tokenizer_model=None, overrides=None,
-force=False, max_shard_size="5GB", log=print) -> dict`` (a summary).
+force=False, max_shard_size="5GB", log=print, saved_args=None) -> dict`` (a summary).
+``saved_args``: the model's settings under Megatron-LM's argument names, for a checkpoint that
+stores none (Megatron-Bridge; ``checkpoint.reader``); by default the checkpoint's saved ``args``.
 
 1. Preflight, before anything is written: the checkpoint is opened and validated (layout, saved
    arguments, every shard file present and complete; ``checkpoint.reader``), the Llama layout is
@@ -187,7 +189,7 @@ def _check_tokenizer(tok, sp, log):
 
 
 def preflight(checkpoint, output, dtype="bfloat16", tokenizer_model=None, overrides=None,
-              force=False, max_shard_size="5GB", log=None):
+              force=False, max_shard_size="5GB", log=None, saved_args=None):
     """Every check, cheapest first, nothing written: returns what the export needs (a dict)."""
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: valid choices are {', '.join(DTYPES)}")
@@ -204,7 +206,7 @@ def preflight(checkpoint, output, dtype="bfloat16", tokenizer_model=None, overri
                                    replaceable=not_a_previous_export, log=log)
     except OutputPathError as err:
         raise ExportError(str(err)) from None
-    ckpt = open_checkpoint(checkpoint)
+    ckpt = open_checkpoint(checkpoint, saved_args)
     layout, notes = resolve_layout(ckpt.args, ckpt.iteration, overrides,
                                    sp_vocab_size=sp.get_piece_size() if sp is not None else None)
     if ckpt.format == "torch" and ckpt.tp > layout.groups:
@@ -234,12 +236,13 @@ def preflight(checkpoint, output, dtype="bfloat16", tokenizer_model=None, overri
 
 
 def export_to_hf(checkpoint, output, dtype="bfloat16", tokenizer_model=None, overrides=None,
-                 force=False, max_shard_size="5GB", log=print, threads=1):
+                 force=False, max_shard_size="5GB", log=print, threads=1, saved_args=None):
     """See module docstring."""
     started = time.perf_counter()
     if not isinstance(threads, int) or threads < 1:
         raise ExportError(f"--threads {threads!r}: must be a whole number >= 1")
-    pre = preflight(checkpoint, output, dtype, tokenizer_model, overrides, force, max_shard_size, log=log)
+    pre = preflight(checkpoint, output, dtype, tokenizer_model, overrides, force, max_shard_size, log=log,
+                    saved_args=saved_args)
     ckpt, layout, output = pre["ckpt"], pre["layout"], pre["output"]
     log(f"checkpoint {ckpt.directory} ({ckpt.format}, iteration {ckpt.iteration}): {layout.num_layers} "
         f"layers, hidden {layout.hidden}, heads {layout.heads}/{layout.groups} (head_dim {layout.head_dim}), "
