@@ -170,6 +170,11 @@ def test_every_public_name_resolves(layer):
     """Each subpackage's ``__all__`` is its API, and every name in it imports."""
     import importlib
 
+    if layer == "bridge":
+        from bridge_env import load_bridge
+
+        if (missing := load_bridge()) is not None:
+            pytest.skip(missing)
     package = importlib.import_module(f"prores_megatron.{layer}")
     assert package.__all__, f"prores_megatron.{layer} has no public API"
     for name in package.__all__:

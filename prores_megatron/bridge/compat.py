@@ -1,0 +1,105 @@
+"""Everything that depends on Megatron-Bridge's version (0.6.2): a Bridge upgrade touches this file.
+
+Contract:
+- importing this module imports Bridge's ``training.callbacks`` and ``utils.instantiate_utils``
+  (pure Python, no GPU) or raises ``ImportError`` naming ``pip install megatron-bridge==0.6.2``;
+- ``Callback``: Bridge's callback base class; ``register_target_prefix(prefix)``: Bridge's
+  allow-list for ``_target_`` in a reloaded ``run_config.yaml``;
+- Bridge has two model-config paths, both handled here: the newer ``GPTModelConfig`` (megatron-core's
+  ``megatron.training.models.gpt``, re-exported by ``megatron.bridge.models.gpt.gpt_builder``: a
+  ``transformer`` TransformerConfig inside, serialised by ``as_dict``, which drops callables) and
+  the older ``GPTModelProvider`` (itself a TransformerConfig, serialised field by field).
+  ``transformer_config(model_cfg)``, ``stock_layer_spec(model_cfg, vp_stage)`` (Bridge's own
+  default for that config), ``add_pre_wrap_hook`` and ``prores_metadata(model_cfg)`` (the dict in
+  ``extra_checkpoint_metadata`` where the config has one, else None) hide the difference;
+- ``completed_steps(state)``: ``state.train_state.step``, optimizer steps done before the step
+  about to run (``on_train_step_start``) or including it (``on_train_step_end``);
+- the layout of a Bridge ``iter_*`` directory: ``RUN_CONFIG`` and ``model_section(run_config)``.
+``import megatron.bridge`` itself imports every model family (transformers <= 5.12.1, diffusers,
+modelopt, Transformer Engine ...); nothing here needs that, see docs/bridge.md §2.
+"""
+
+try:
+    from megatron.bridge.training.callbacks import Callback, CallbackContext, CallbackManager
+    from megatron.bridge.utils.instantiate_utils import register_allowed_target_prefix
+except ImportError as err:  # Bridge missing, or its package __init__ cannot import here
+    raise ImportError(
+        f"prores_megatron.bridge needs Megatron-Bridge's callback and config modules ({err}): "
+        "pip install megatron-bridge==0.6.2 (docs/bridge.md §2 lists what imports on CPU)"
+    ) from err
+
+BRIDGE_VERSION = "0.6.2"
+RUN_CONFIG = "run_config.yaml"  # what Bridge writes into every iter_* directory instead of Megatron-LM's args
+METADATA_KEY = "prores"  # our entry in GPTModelConfig.extra_checkpoint_metadata
+# GPTModelConfig.as_dict drops every callable, the activation function too: recorded beside ours,
+# so the exporter can tell SwiGLU from GeGLU.
+ACTIVATION_KEY = "prores_activation_func"
+
+__all__ = ["Callback", "CallbackContext", "CallbackManager", "register_target_prefix", "transformer_config",
+           "stock_layer_spec", "add_pre_wrap_hook", "prores_metadata", "set_prores_metadata", "completed_steps",
+           "model_section", "RUN_CONFIG", "METADATA_KEY", "ACTIVATION_KEY", "BRIDGE_VERSION"]
+
+
+def register_target_prefix(prefix: str) -> None:
+    register_allowed_target_prefix(prefix)
+
+
+def is_model_config(model_cfg) -> bool:
+    """The newer path: a GPTModelConfig holding its TransformerConfig in ``.transformer``."""
+    return "transformer" in getattr(type(model_cfg), "__dataclass_fields__", {})
+
+
+def transformer_config(model_cfg):
+    return model_cfg.transformer if is_model_config(model_cfg) else model_cfg
+
+
+def stock_layer_spec(model_cfg, vp_stage=None):
+    """The spec Bridge would build for ``model_cfg`` had no spec been given."""
+    if is_model_config(model_cfg):
+        from megatron.training.models.gpt import default_layer_spec
+
+        return default_layer_spec(model_cfg, vp_stage)
+    # GPTModelProvider: its default is TE; its local spec is the one recipes pick for CPU/no-TE.
+    from megatron.bridge.models.gpt_provider import default_layer_spec, local_layer_spec
+
+    return local_layer_spec(model_cfg) if model_cfg.transformer_impl == "local" else default_layer_spec(model_cfg)
+
+
+def add_pre_wrap_hook(model_cfg, hook) -> None:
+    if is_model_config(model_cfg):
+        model_cfg.pre_wrap_hooks = [*model_cfg.pre_wrap_hooks, hook]
+    else:
+        model_cfg.register_pre_wrap_hook(hook)
+
+
+def prores_metadata(model_cfg):
+    """Our settings dict from ``extra_checkpoint_metadata`` (None: absent, or no such field)."""
+    extra = getattr(model_cfg, "extra_checkpoint_metadata", None) if is_model_config(model_cfg) else None
+    return (extra or {}).get(METADATA_KEY)
+
+
+def set_prores_metadata(model_cfg, settings: dict) -> bool:
+    """Store ``settings`` where the serialised config keeps them; False if the config has no place."""
+    if not is_model_config(model_cfg):
+        return False  # GPTModelProvider serialises the spec object itself (its to_cfg_dict)
+    fn = model_cfg.transformer.activation_func
+    activation = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+    model_cfg.extra_checkpoint_metadata = {**(model_cfg.extra_checkpoint_metadata or {}), METADATA_KEY: settings,
+                                           ACTIVATION_KEY: activation}
+    return True
+
+
+def completed_steps(state) -> int:
+    return int(state.train_state.step)
+
+
+def model_section(run_config: dict) -> dict:
+    """The model settings of a loaded ``run_config.yaml``, flat (GPTModelConfig nests its
+    TransformerConfig under ``transformer``; GPTModelProvider is flat already)."""
+    model = run_config.get("model")
+    if not isinstance(model, dict):
+        raise KeyError("model")
+    flat = {k: v for k, v in model.items() if k != "transformer"}
+    if isinstance(model.get("transformer"), dict):
+        flat.update(model["transformer"])
+    return flat

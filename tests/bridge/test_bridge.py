@@ -1,0 +1,336 @@
+"""ProRes through Megatron-Bridge 0.6.2's real classes on CPU (conftest.py: what imports here).
+
+- the spec callable, built by megatron-core's ``GPTModelBuilder`` (Bridge's newer GPTModelConfig
+  path), gives the model ``with_prores`` gives on the stock local spec;
+- ``ProResCallback`` driven through Bridge's ``CallbackManager`` with real ``CallbackContext``s
+  sets the alpha buffers to min(t / (T*l), 1) (values written out below) and feeds the monitor;
+- Bridge's YAML round trip keeps the spec (dict-serialised configs) or is refused (GPTModelConfig
+  drops callables; an unregistered prefix);
+- a Bridge-format checkpoint exports to a Llama whose logits match the model's mid-warmup.
+"""
+
+import json
+import types
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import pytest
+import torch
+import yaml
+
+from models import llama_config
+
+pytestmark = pytest.mark.usefixtures("mcore_world1")
+
+T, L = 2, 3
+# alpha(l, t) = min(t / (T*l), 1) for T = 2, L = 3, by hand: layer 1 full at t = 2, layer 3 at t = 6.
+EXPECTED = {0: [0, 0, 0], 1: [1 / 2, 1 / 4, 1 / 6], 2: [1, 1 / 2, 1 / 3], 3: [1, 3 / 4, 1 / 2],
+            4: [1, 1, 2 / 3], 5: [1, 1, 5 / 6], 6: [1, 1, 1]}
+
+
+def model_config(num_layers=L, **kw):
+    from megatron.training.models.gpt import GPTModelConfig
+
+    return GPTModelConfig(transformer=llama_config(num_layers=num_layers, transformer_impl="local"), vocab_size=kw.pop("vocab_size", 64),
+                          seq_length=16, position_embedding_type="rope", share_embeddings_and_output_weights=False, **kw)
+
+
+def build(cfg, seed=0):
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.training.models.gpt import GPTModelBuilder
+
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    return GPTModelBuilder(cfg).build_model(ProcessGroupCollection.use_mpu_process_groups())
+
+
+def alphas(model):
+    """Alpha per layer as the model's residual buffers hold it (both branches must agree)."""
+    out = []
+    for layer in model.decoder.layers:
+        values = {float(getattr(layer, f).alpha) for f in ("self_attn_bda", "mlp_bda")}
+        assert len(values) == 1, values
+        out.append(values.pop())
+    return out
+
+
+def tokens(vocab=64, seq=16):
+    return torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(0))
+
+
+def forward(model, toks):
+    positions = torch.arange(toks.shape[1]).unsqueeze(0).expand_as(toks)
+    return model(toks, positions, None)
+
+
+def test_spec_callable_gives_the_with_prores_model():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from prores_megatron.bridge import ProResConfig, ProResLayerSpec, attach_prores
+    from prores_megatron.core import set_prores_step, with_prores
+
+    from models import gpt_model
+
+    cfg = model_config()
+    attach_prores(cfg, ProResConfig(schedule="linear", warmup_steps=T))
+    assert cfg.transformer_layer_spec == ProResLayerSpec("linear", T, "pre")
+    built = build(cfg)
+    torch.manual_seed(0)
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(0)
+    reference = gpt_model(cfg.transformer, with_prores(get_gpt_layer_local_spec(normalization="RMSNorm"), "linear", T))
+    assert [(n, type(m)) for n, m in built.named_modules()] == [(n, type(m)) for n, m in reference.named_modules()]
+    ours, theirs = built.state_dict(), reference.state_dict()
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours if "_extra" not in k)
+    for model in (built, reference):
+        set_prores_step(model, 3)
+        model.eval()
+    with torch.no_grad():
+        assert torch.equal(forward(built, tokens()), forward(reference, tokens()))
+
+
+@dataclass
+class _TrainState:  # Bridge's TrainState lives in training/state.py, which needs Transformer Engine
+    step: int = 0
+
+
+def bridge_state(cfg):
+    try:
+        from megatron.bridge.training.state import GlobalState  # imports on a full (GPU) install
+    except ImportError:
+        return types.SimpleNamespace(train_state=_TrainState(), cfg=types.SimpleNamespace(model=cfg))
+    state = GlobalState()
+    state.train_state.step = 0
+    state._cfg = types.SimpleNamespace(model=cfg)
+    return state
+
+
+def test_callback_sets_alpha_each_step_through_bridge_callback_manager(tmp_path):
+    from megatron.bridge.training.callbacks import CallbackContext, CallbackManager
+
+    from prores_megatron.bridge import ProResCallback, ProResConfig, attach_prores
+
+    cfg = model_config()
+    prores = ProResConfig(schedule="linear", warmup_steps=T, monitor_interval=3,
+                          monitor_file=str(tmp_path / "monitor.jsonl"))
+    args = attach_prores(cfg, prores, train_iters=7)
+    args.save = args.tensorboard_dir = None
+    args.use_distributed_optimizer = args.sequence_parallel = False
+    model = build(cfg)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    manager = CallbackManager()
+    manager.add(ProResCallback(args))
+    state = bridge_state(cfg)
+
+    def context(**kw):
+        return CallbackContext(state=state, model=[model], user_state=manager.user_state, optimizer=optimizer, **kw)
+
+    manager.fire("on_train_start", context())
+    seen, losses = {}, []
+    toks = tokens()
+    while state.train_state.step < 7:  # Bridge's loop: start event, step, end event, step += 1
+        manager.fire("on_train_step_start", context())
+        seen[state.train_state.step] = alphas(model)
+        optimizer.zero_grad()
+        loss = forward(model, toks).float().logsumexp(-1).mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+        state.train_state.step += 1
+        manager.fire("on_train_step_end", context(loss_dict={"lm loss": loss.detach()}, grad_norm=1.5,
+                                                   skipped_iter=False))
+    for t, want in EXPECTED.items():
+        assert seen[t] == pytest.approx(want, abs=1e-7), t
+    state.train_state.step = 4  # evaluation after 4 steps uses the alpha of the last one (t = 3)
+    manager.fire("on_eval_start", context())
+    assert alphas(model) == pytest.approx(EXPECTED[3], abs=1e-7)
+    records = [json.loads(line) for line in (tmp_path / "monitor.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["iteration"] for r in steps] == list(range(1, 8))
+    assert [r["lm_loss"] for r in steps] == pytest.approx(losses) and {r["grad_norm"] for r in steps} == {1.5}
+    assert records[0]["kind"] == "run" and records[0]["warmup_steps"] == T
+    assert records[-1]["kind"] == "spikes"
+
+
+def test_callback_refuses_a_model_without_prores():
+    from megatron.bridge.training.callbacks import CallbackContext, CallbackManager
+
+    from prores_megatron.bridge import ProResCallback, ProResConfig
+
+    cfg = model_config()  # no attach_prores: Bridge's stock spec
+    args = ProResConfig(schedule="linear", warmup_steps=T).finalize(cfg)
+    manager = CallbackManager()
+    manager.add(ProResCallback(args))
+    with pytest.raises(ValueError, match="no ProRes residual scale"):
+        manager.fire("on_train_start", CallbackContext(state=bridge_state(cfg), model=[build(cfg)]))
+
+
+def test_bad_settings_name_the_flag():
+    from prores_megatron.bridge import ProResConfig
+    from prores_megatron.training import ProResArgumentError
+
+    with pytest.raises(ProResArgumentError, match="--prores-warmup-steps"):
+        ProResConfig(schedule="linear").finalize(model_config())
+    with pytest.raises(ProResArgumentError, match="--prores-arch"):
+        ProResConfig(schedule="linear", warmup_steps=2, arch="bogus").finalize(model_config())
+
+
+# ---- Bridge's YAML round trip ------------------------------------------------------------------
+
+
+def containers():
+    from megatron.bridge.training.utils.config_utils import _ConfigContainerBase
+    from megatron.bridge.utils.instantiate_utils import register_allowed_target_prefix
+
+    register_allowed_target_prefix(__name__)  # the test's own containers (trusted code)
+    return _ConfigContainerBase
+
+
+def roundtrip(container, path):
+    container.to_yaml(str(path))
+    return type(container).from_yaml(str(path))
+
+
+@dataclass
+class ProviderLike:
+    """A dict-serialised model config (what GPTModelProvider, a dataclass, is to Bridge's YAML)."""
+    num_layers: int = L
+    transformer_layer_spec: Any = None
+
+
+def test_yaml_roundtrip_keeps_the_spec_or_is_refused(tmp_path):
+    from megatron.training.config.instantiate_utils import InstantiationException, target_allowlist
+
+    from prores_megatron.bridge import ProResLayerSpec
+
+    base = containers()
+
+    @dataclass(kw_only=True)
+    class Run(base):
+        model: Optional[ProviderLike] = None
+
+    Run.__qualname__ = Run.__name__ = "RunProvider"
+    globals()["RunProvider"] = Run
+    run = Run(model=ProviderLike(transformer_layer_spec=ProResLayerSpec("linear-sqrt", 5.0, "lns")))
+    text_path = tmp_path / "run_config.yaml"
+    back = roundtrip(run, text_path)
+    assert back.model.transformer_layer_spec == ProResLayerSpec("linear-sqrt", 5.0, "lns")
+    assert yaml.safe_load(text_path.read_text())["model"]["transformer_layer_spec"]["_target_"] == (
+        "prores_megatron.bridge.layer_spec.ProResLayerSpec")
+    target_allowlist.remove_prefix("prores_megatron.bridge.")  # a process that never imported us
+    try:
+        with pytest.raises(InstantiationException, match="not in the allowlist"):
+            type(run).from_yaml(str(text_path))
+    finally:
+        target_allowlist.add_prefix("prores_megatron.bridge.")
+
+
+def test_yaml_roundtrip_of_gpt_model_config_refuses_the_lost_spec(tmp_path):
+    from megatron.training.models.gpt import GPTModelConfig
+
+    from prores_megatron.bridge import (
+        ProResConfig,
+        ProResLayerSpec,
+        ProResSpecLostError,
+        attach_prores,
+        check_prores_spec,
+        restore_prores_spec,
+    )
+
+    base = containers()
+
+    @dataclass(kw_only=True)
+    class Run(base):
+        model: Optional[GPTModelConfig] = None
+
+    Run.__qualname__ = Run.__name__ = "RunGPT"
+    globals()["RunGPT"] = Run
+    cfg = model_config()
+    attach_prores(cfg, ProResConfig(schedule="linear", warmup_steps=T, start_step=1))
+    back = roundtrip(Run(model=cfg), tmp_path / "run_config.yaml").model
+    assert back.transformer_layer_spec is None  # Bridge's serialiser dropped the callable
+    with pytest.raises(ProResSpecLostError, match="restore_prores_spec"):
+        check_prores_spec(back)
+    restored = restore_prores_spec(back)
+    assert (restored.schedule, restored.warmup_steps, restored.start_step) == ("linear", T, 1)
+    assert back.transformer_layer_spec == ProResLayerSpec("linear", T, "pre")
+    assert check_prores_spec(back) is not None
+    model = build(back)
+    from prores_megatron.core import set_prores_step
+
+    set_prores_step(model, 3)
+    assert alphas(model) == pytest.approx(EXPECTED[3], abs=1e-7)
+
+
+# ---- export of a Bridge-format checkpoint ------------------------------------------------------
+
+
+def save_bridge_checkpoint(model, cfg, save_dir, iteration):
+    """What Bridge 0.6.2's save_checkpoint writes at world size 1 (its module needs modelopt, so
+    its steps are replayed here): megatron-core's dist_checkpointing.save of {"checkpoint_version",
+    "iteration", "model"}, train_state.pt (TrainState.state_dict()), run_config.yaml by Bridge's
+    YAML writer, and the trackers latest_train_state.pt / latest_checkpointed_iteration.txt."""
+    import shutil
+
+    from megatron.core import dist_checkpointing
+    from megatron.training.models.gpt import GPTModelConfig
+
+    base = containers()
+
+    @dataclass(kw_only=True)
+    class Run(base):
+        model: Optional[GPTModelConfig] = None
+        tokenizer: dict = field(default_factory=lambda: {"tokenizer_type": "NullTokenizer"})
+
+    Run.__qualname__ = Run.__name__ = "RunSaved"
+    globals()["RunSaved"] = Run
+    it_dir = save_dir / f"iter_{iteration:07d}"
+    it_dir.mkdir(parents=True)
+    dist_checkpointing.save({"checkpoint_version": 3.0, "iteration": iteration, "model": model.sharded_state_dict()},
+                            str(it_dir))
+    torch.save({"step": torch.tensor(iteration), "consumed_train_samples": torch.tensor(0)}, it_dir / "train_state.pt")
+    shutil.copy(it_dir / "train_state.pt", save_dir / "latest_train_state.pt")
+    (save_dir / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    Run(model=cfg).to_yaml(str(it_dir / "run_config.yaml"))
+    return it_dir
+
+
+def test_export_of_a_bridge_checkpoint_matches_the_model_mid_warmup(tmp_path):
+    from export.test_hf_export import hf_logits
+
+    from prores_megatron.bridge import ProResConfig, attach_prores
+    from prores_megatron.bridge.export import main
+    from prores_megatron.core import set_prores_step
+
+    from megatron_checkpoints import TOL
+
+    iteration, vocab = 3, 60  # t = 3: layer 1 at alpha 1, layers 2-3 part-way (EXPECTED[3])
+    cfg = model_config(vocab_size=vocab, should_pad_vocab=True, make_vocab_size_divisible_by=16)
+    attach_prores(cfg, ProResConfig(schedule="linear", warmup_steps=T))
+    model = build(cfg, seed=3)
+    assert model.embedding.word_embeddings.weight.shape[0] == 64  # padded: the export drops 4 rows
+    save_bridge_checkpoint(model, cfg, tmp_path / "save", iteration)
+    out = tmp_path / "hf"
+    assert main([str(tmp_path / "save"), str(out), "--dtype", "float32", "--quiet"]) == 0
+    provenance = json.loads((out / "prores_export.json").read_text())
+    assert provenance["step"] == iteration and provenance["alpha_per_layer"] == pytest.approx(EXPECTED[3])
+    model.eval()
+    set_prores_step(model, iteration)
+    toks = tokens(vocab)
+    with torch.no_grad():
+        expected = forward(model, toks)[..., :vocab].float()
+    got = hf_logits(out, toks)
+    diff = (got - expected).abs().max().item()
+    print(f"max |logit difference| HF export vs megatron-core: {diff:.3g}")
+    assert diff <= TOL
+
+
+def test_export_refuses_a_megatron_lm_style_directory_without_run_config(tmp_path):
+    from prores_megatron.bridge.export import main
+
+    (tmp_path / "iter_0000001").mkdir()
+    (tmp_path / "iter_0000001" / ".metadata").write_bytes(b"")
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("1")
+    assert main([str(tmp_path), str(tmp_path / "hf")]) == 2
