@@ -16,13 +16,41 @@ Contract:
   about to run (``on_train_step_start``) or including it (``on_train_step_end``);
 - the layout of a Bridge ``iter_*`` directory: ``RUN_CONFIG`` and ``model_section(run_config)``.
 ``import megatron.bridge`` itself imports every model family (transformers <= 5.12.1, diffusers,
-modelopt, Transformer Engine ...); nothing here needs that, see docs/bridge.md §2.
+modelopt, Transformer Engine ...); nothing here needs that: where it fails (a CPU-only install
+with ``--no-deps``), ``megatron.bridge`` is registered as a bare package and only the pure-Python
+modules above are imported, with a warning (docs/bridge.md §2).
 """
 
+import importlib
+import importlib.util
+import sys
+import types
+import warnings
+
+
+def _bare_bridge_package(err):
+    """``megatron.bridge`` as a bare package (its real path, its ``__init__`` not run): the
+    modules below need none of what that ``__init__`` imports (docs/bridge.md §2)."""
+    for name in [n for n in sys.modules if n == "megatron.bridge" or n.startswith("megatron.bridge.")]:
+        del sys.modules[name]  # the half-imported package
+    spec = importlib.util.find_spec("megatron.bridge")
+    package = types.ModuleType("megatron.bridge")
+    package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
+    sys.modules["megatron.bridge"] = package
+    warnings.warn(f"import megatron.bridge failed ({err}); prores_megatron.bridge uses only Bridge's "
+                  "callback and config modules, loaded without the package's __init__", stacklevel=3)
+
+
 try:
+    if importlib.util.find_spec("megatron.bridge") is None:
+        raise ImportError("No module named 'megatron.bridge'")
+    try:
+        importlib.import_module("megatron.bridge")
+    except ImportError as err:  # a CPU-only install: every model family's dependencies are missing
+        _bare_bridge_package(err)
     from megatron.bridge.training.callbacks import Callback, CallbackContext, CallbackManager
     from megatron.bridge.utils.instantiate_utils import register_allowed_target_prefix
-except ImportError as err:  # Bridge missing, or its package __init__ cannot import here
+except ImportError as err:
     raise ImportError(
         f"prores_megatron.bridge needs Megatron-Bridge's callback and config modules ({err}): "
         "pip install megatron-bridge==0.6.2 (docs/bridge.md §2 lists what imports on CPU)"
