@@ -62,6 +62,18 @@ if [[ "$(cat "$PRORES_VENV/.prores-extra" 2>/dev/null)" != "$_prores_want_extra"
     fi
     echo "$_prores_want_extra" > "$PRORES_VENV/.prores-extra"
 fi
+# Megatron-Bridge for tests/bridge, without its dependency tree (transformers <= 5.12.1, modelopt,
+# Transformer Engine, ... need CUDA or clash with the stack): the modules ProRes uses are pure Python
+# and need only what the stack and PRORES_EXTRA already hold (omegaconf, pyyaml, transformers).
+PRORES_BRIDGE=(megatron-bridge==0.6.2)
+if [[ "$(cat "$PRORES_VENV/.prores-bridge" 2>/dev/null)" != "${PRORES_BRIDGE[*]}" ]]; then
+    if ! "$PRORES_VENV/bin/python" -m pip install --no-deps "${PRORES_BRIDGE[@]}" >"$PRORES_VENV/install-bridge.log" 2>&1; then
+        tail -20 "$PRORES_VENV/install-bridge.log" >&2
+        echo "prores-megatron: installing ${PRORES_BRIDGE[*]} failed (log: $PRORES_VENV/install-bridge.log)" >&2
+        return 1 2>/dev/null || exit 1
+    fi
+    echo "${PRORES_BRIDGE[*]}" > "$PRORES_VENV/.prores-bridge"
+fi
 # --no-deps: the stack above is already pinned; the package itself never asks for torch.
 if ! "$PRORES_VENV/bin/python" -m pip install --no-deps --no-build-isolation -e "$PRORES_REPO" >"$PRORES_VENV/install-package.log" 2>&1; then
     tail -20 "$PRORES_VENV/install-package.log" >&2

@@ -1,7 +1,7 @@
 """``ProResConfig``: the ProRes settings of a Megatron-Bridge run, validated like the ``--prores-*`` flags.
 
 Contract: each field is the Megatron-LM flag without its ``--prores-`` prefix (``warmup_steps`` is
-``--prores-warmup-steps``; docs/usage.md §1 has their meaning). ``finalize(model_cfg,
+``--prores-warmup-steps``; docs/usage.md, "Training with ProRes", has their meaning). ``finalize(model_cfg,
 train_iters=None)`` validates them against the model exactly as ``validate_prores_args`` does for
 Megatron-LM (the same checks and messages, naming the flag), converts ``total_warmup_steps`` to a
 per-layer T and canonicalises the schedule name; it returns the ``argparse.Namespace`` the shared
