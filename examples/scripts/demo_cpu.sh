@@ -5,22 +5,27 @@
 #   DEMO_DIR     output folder (default runs/demo; reruns reuse the data and finished runs)
 #   CORPUS       your own text (.txt, .jsonl with a "text" key, .gz) instead of the demo corpus
 #   TRAIN_ITERS (300)  NUM_LAYERS (32)  HIDDEN (64)  SEQ (64)  VOCAB (4096)  PP (2)  TP (1)
-#   WARMUP_T (5: ProRes T per layer)  SEED (1234)  MONITOR_INTERVAL (25)  EVAL_INTERVAL (100)
+#   T_RULE (paper: T = min(N/100, 0.6 N/L) per layer, as benchmarks/bench_depth.py)  WARMUP_T (a fixed
+#   T instead)  LR (3e-3)  SEED (1234)  MONITOR_INTERVAL (25)  EVAL_INTERVAL (100)
 #   DATA_DIR     tokenizer + dataset folder (default DEMO_DIR/data; share it between runs)
-#   TRAIN_ONLY=1 stop after the two trainings (benchmarks/bench_quality.py uses it)
+#   TRAIN_ONLY=1 stop after the two trainings and the summary
 #   PYTHON       interpreter (default: the project environment, built on first use)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then source "$ROOT/tools/setup_env.sh"; PYTHON="$PRORES_PY"; fi
 DEMO_DIR=${DEMO_DIR:-$ROOT/runs/demo}
 TRAIN_ITERS=${TRAIN_ITERS:-300}; NUM_LAYERS=${NUM_LAYERS:-32}; HIDDEN=${HIDDEN:-64}; SEQ=${SEQ:-64}
-VOCAB=${VOCAB:-4096}; PP=${PP:-2}; TP=${TP:-1}; WARMUP_T=${WARMUP_T:-5}; SEED=${SEED:-1234}
+VOCAB=${VOCAB:-4096}; PP=${PP:-2}; TP=${TP:-1}; SEED=${SEED:-1234}; LR=${LR:-3e-3}
+if [[ -n "${WARMUP_T:-}" ]]; then T_RULE="fixed:$WARMUP_T"; fi; T_RULE=${T_RULE:-paper}
 MONITOR_INTERVAL=${MONITOR_INTERVAL:-25}; EVAL_INTERVAL=${EVAL_INTERVAL:-100}
 export OMP_NUM_THREADS=1 CUDA_DEVICE_MAX_CONNECTIONS=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 DATA="${DATA_DIR:-$DEMO_DIR/data}"; mkdir -p "$DATA" "$DEMO_DIR"
 START=$(date +%s)
 say() { printf '\n[demo %4ds] %s\n' $(( $(date +%s) - START )) "$*"; }
 cd "$ROOT"
+# The depth study's T rule (one definition: benchmarks/bench_depth.py), so the demo matches its numbers.
+WARMUP_T=$("$PYTHON" -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_depth import warmup_steps
+print(repr(warmup_steps('$T_RULE', $TRAIN_ITERS, $NUM_LAYERS)))")
 
 say "1/6 corpus"
 if [[ -z "${CORPUS:-}" ]]; then
@@ -48,7 +53,7 @@ MODEL_ARGS=(
 )
 TRAINING_ARGS=(
     --micro-batch-size 4 --global-batch-size 16 --train-iters "$TRAIN_ITERS" --seed "$SEED"
-    --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters $((TRAIN_ITERS / 10))
+    --lr "$LR" --min-lr "$("$PYTHON" -c "print(repr($LR / 10))")" --lr-decay-style cosine --lr-warmup-iters $((TRAIN_ITERS / 10))
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
 )
 CPU_ARGS=(
@@ -57,7 +62,7 @@ CPU_ARGS=(
     --no-bias-swiglu-fusion --no-bias-dropout-fusion --no-masked-softmax-fusion
 )
 DATA_ARGS=(
-    --data-path "$DATA/demo_text_document" --split 95,5,0 --data-cache-path "$DATA/cache"
+    --data-path "$DATA/demo_text_document" --split 90,10,0 --data-cache-path "$DATA/cache"
     --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$DATA/tok.model"
 )
 train() {  # train NAME PRORES-FLAGS...
@@ -78,15 +83,18 @@ train() {  # train NAME PRORES-FLAGS...
         | tee "$dir/train.log" | grep --line-buffered -E "\] iteration +[0-9]+/|validation loss at|ProRes:|rror" \
         | sed -u -E 's/.*iteration +([0-9]+)\/ *([0-9]+) .*per iteration \(ms\): ([0-9.]+) .*lm loss: ([^ ]+) .*grad norm: ([^ ]+) .*/  iteration \1\/\2  lm loss \4  grad norm \5  (\3 ms per iteration)/; s/^-+$//'
 }
-say "4/6 training: ProRes (linear, T = $WARMUP_T steps per layer) and the baseline, $NUM_LAYERS layers, PP=$PP"
+say "4/6 training: ProRes (linear, T = $WARMUP_T steps per layer, rule $T_RULE) and the baseline, $NUM_LAYERS layers, PP=$PP"
 train prores --prores-schedule linear --prores-warmup-steps "$WARMUP_T"
 train baseline --prores-schedule none
-val_loss() {  # the final validation loss Megatron printed for run $1
-    grep -E 'validation loss at iteration +'"$TRAIN_ITERS"' on validation set' "$DEMO_DIR/$1/train.log" \
-        | tail -1 | sed -E 's/.*lm loss value: ([^ ]+).*/\1/'
-}
-for name in prores baseline; do printf '%-9s validation loss: %s\n' "$name" "$(val_loss "$name")"; done \
-    | tee "$DEMO_DIR/summary.txt"
+# Final validation loss on every held-out token (about 100k), with standard errors; then what the
+# depth sweep measured across seeds for this recipe (benchmarks/results/bench_depth.json).
+for name in prores baseline; do
+    "$PYTHON" -m prores_megatron.analysis.cli heldout --checkpoint "$DEMO_DIR/$name/ckpt" \
+        --out "$DEMO_DIR/$name/heldout.json" 2>&1 | grep -E "held-out loss|rror"
+done
+"$PYTHON" benchmarks/depth_report.py --prores "$DEMO_DIR/prores/heldout.json" --baseline "$DEMO_DIR/baseline/heldout.json" \
+    --benchmark benchmarks/results/bench_depth.json --depth "$NUM_LAYERS" --iters "$TRAIN_ITERS" --t-rule "$T_RULE" \
+    --lr "$LR" | tee "$DEMO_DIR/summary.txt"
 if [[ -n "${TRAIN_ONLY:-}" ]]; then say "done (TRAIN_ONLY): $DEMO_DIR/summary.txt"; exit 0; fi
 
 say "5/6 Hugging Face export of the ProRes model, and text from transformers"
@@ -96,7 +104,7 @@ say "5/6 Hugging Face export of the ProRes model, and text from transformers"
 
 say "6/6 report"
 "$PYTHON" -m prores_megatron.analysis.cli report --run "prores=$DEMO_DIR/prores" --run "baseline=$DEMO_DIR/baseline" \
-    --out "$DEMO_DIR/report" --title "ProRes vs baseline: $NUM_LAYERS-layer Llama on the demo corpus (CPU)" \
+    --out "$DEMO_DIR/report" --summary "$DEMO_DIR/summary.txt" --title "ProRes vs baseline: $NUM_LAYERS-layer Llama on the demo corpus (CPU)" \
     --spike-window 100 --spike-min-history 20
 cat "$DEMO_DIR/summary.txt"
 say "done: report $DEMO_DIR/report/report.md, export $DEMO_DIR/hf, text $DEMO_DIR/generated.txt"

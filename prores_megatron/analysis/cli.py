@@ -1,9 +1,9 @@
-"""The ``prores-megatron`` command: ``plan``, ``report`` and ``cosine`` (``--help`` on each).
+"""The ``prores-megatron`` command: ``plan``, ``report``, ``cosine`` and ``heldout`` (``--help`` on each).
 
 Contract: ``main(argv)`` parses the subcommand and its flags and returns the exit status: 0 on
 success, 2 with ``prores-megatron <command>: error: <message naming the flag or file>`` on stderr
 when the input is refused (``UsageError``, or a log/checkpoint that cannot be read). Each
-subcommand lives in its own module (``plan_command``, ``report_command``, ``cosine_command``),
+subcommand lives in its own module (``plan_command``, ``report_command``, ``cosine_command``, ``heldout_command``),
 imported only when chosen, so ``plan`` never imports torch or Megatron.
 """
 
@@ -17,6 +17,8 @@ COMMANDS = {
     "plan": ("plan_command", "alpha per layer against step for a configuration: text, warnings and a heatmap PNG"),
     "report": ("report_command", "markdown report with plots from one or more runs' monitor JSONL / TensorBoard logs"),
     "cosine": ("cosine_command", "layerwise cosine similarity of branch outputs between checkpoints and the final one"),
+    "heldout": ("heldout_command", "loss on the run's held-out documents with its standard error, and the activation "
+                                   "norm across depth"),
 }
 
 
@@ -24,7 +26,7 @@ def build_parser(command=None) -> argparse.ArgumentParser:
     """The parser; with ``command``, only that subcommand gets its flags (and its module imported)."""
     parser = argparse.ArgumentParser(prog="prores-megatron", allow_abbrev=False,
                                      description="ProRes analysis tools; 'prores-megatron COMMAND --help' for each.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{plan,report,cosine}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         if command in (None, name):  # the other commands' modules (torch, matplotlib) stay unimported

@@ -1,7 +1,8 @@
 """``prores-megatron report``: a markdown report with PNG plots comparing one or more runs.
 
-Contract: ``--run LABEL=PATH`` (repeatable; the same label twice merges the paths in order) names
-each run's logs (``run_logs.load_run``); ``--out DIR`` receives ``report.md`` and its PNGs:
+Contract: ``--summary FILE`` (optional) is quoted first, verbatim. ``--run LABEL=PATH``
+(repeatable; the same label twice merges the paths in order) names each run's logs
+(``run_logs.load_run``); ``--out DIR`` receives ``report.md`` and its PNGs:
 loss and gradient-norm curves with the detected spikes marked, the spike-score table (offline,
 ``spike_score`` with the ``--spike-*`` settings, next to the monitor's online value when logged),
 validation loss, each ProRes run's alpha heatmap (from its settings, ``alpha_figure``), and, from
@@ -35,6 +36,8 @@ def add_arguments(p) -> None:
                         "(e.g. a resumed run with a second TensorBoard directory)")
     p.add_argument("--out", required=True, help="directory for report.md and the PNGs (created)")
     p.add_argument("--title", default="ProRes training report", help="report title")
+    p.add_argument("--summary", help="a text file (e.g. the demo's summary.txt) quoted near the top of the report, "
+                                     "as its \"Summary\" section")
     g = p.add_argument_group("spike score (defaults: the paper's)")
     defaults = SpikeConfig()
     g.add_argument("--spike-window", type=int, default=defaults.window, help="trailing window in iterations (default: %(default)s)")
@@ -266,6 +269,11 @@ def run(args) -> int:
     report = Report(out, args.title)
     report.add(f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by "
                f"`prores-megatron report` from {len(runs)} run(s).", "")
+    if args.summary:
+        summary = Path(args.summary)
+        if not summary.is_file():
+            raise UsageError(f"--summary {summary}: no such file")
+        report.add("## Summary", "", *[f"    {line}" for line in summary.read_text(encoding="utf-8").splitlines()], "")
     _runs_section(report, runs)
     _curve_section(report, runs, "lm_loss", results, "Training loss", "lm loss (nats/token)", False, "loss.png")
     _curve_section(report, runs, "grad_norm", results, "Gradient norm",

@@ -12,9 +12,11 @@ Contract (every rank runs every event; t = completed optimizer steps - ``start_s
   region, with ``state.train_state.step`` = the steps completed so far, so every replay reads this
   step's alpha; arms the monitor on its iterations;
 - ``on_train_step_end``: the step's ``loss_dict["lm loss"]`` and ``grad_norm`` go to the monitor
-  (the JSONL record and the online spike score; per-layer statistics on monitored iterations);
+  (the JSONL record and the online spike score; per-layer statistics on monitored iterations) as
+  iteration ``train_state.step + 1``: Bridge fires this event before it increments the step;
 - ``on_eval_start`` / ``on_test_start``: alpha of the last completed step (t - 1), as Megatron-LM's
-  evaluation during training has it; ``on_train_end``: the spike scores are written.
+  evaluation during training has it (Bridge evaluates after the increment); ``on_train_end``: the
+  spike scores are written.
 ``prores_callback(cfg, prores)`` plugs ``prores`` into ``cfg.model`` (``attach_prores``) and returns
 the callback; it is the one call a recipe makes.
 """
@@ -67,7 +69,9 @@ class ProResCallback(Callback):
             return
         optimizer = context.optimizer
         groups = getattr(optimizer, "param_groups", None) or [{}]
-        self.monitor.on_training_log(context.loss_dict or {}, groups[0].get("lr"), completed_steps(context.state),
+        # Bridge fires on_train_step_end before train_state.step += 1: the step just run is still
+        # uncounted, so its 1-based iteration (Megatron-LM's training_log numbering) is completed + 1.
+        self.monitor.on_training_log(context.loss_dict or {}, groups[0].get("lr"), completed_steps(context.state) + 1,
                                      context.grad_norm, bool(context.skipped_iter))
 
     def on_eval_start(self, context):

@@ -13,7 +13,8 @@ Contract:
   default for that config), ``add_pre_wrap_hook`` and ``prores_metadata(model_cfg)`` (the dict in
   ``extra_checkpoint_metadata`` where the config has one, else None) hide the difference;
 - ``completed_steps(state)``: ``state.train_state.step``, optimizer steps done before the step
-  about to run (``on_train_step_start``) or including it (``on_train_step_end``);
+  about to run (``on_train_step_start``) and still before it in ``on_train_step_end`` (0.6.2's
+  ``train()`` increments it after that event), including it in ``on_eval_start``;
 - the layout of a Bridge ``iter_*`` directory: ``RUN_CONFIG`` and ``model_section(run_config)``.
 ``import megatron.bridge`` itself imports every model family (transformers <= 5.12.1, diffusers,
 modelopt, Transformer Engine ...); nothing here needs that: where it fails (a CPU-only install

@@ -88,7 +88,8 @@ class LayerMonitor:
             raise ValueError("LayerMonitor needs decoder layers built with the ProRes spec")
         self.acc = {}
 
-    def start(self):
+    def start(self, in_eval: bool = False):
+        """Arm the recorders; ``in_eval`` also records forwards in eval mode (offline analysis)."""
         self.acc = {}
         for layer in self.layers:
             device = next(layer.parameters()).device
@@ -99,11 +100,13 @@ class LayerMonitor:
             row[ALPHA_N] = 1.0
             for role, module in residuals:
                 module.recorder = _Recorder(row, role)
+                module.record_in_eval = in_eval
 
     def stop(self):
         for layer in self.layers:
             for _, module in _residuals(layer):
                 module.recorder = None
+                module.record_in_eval = False
         return self.acc
 
     def reduce(self, num_layers, dp_group=None, pp_group=None, tp_group=None, sequence_parallel=False):

@@ -64,7 +64,8 @@ def forward(model, toks):
     return model(toks, positions, None)
 
 
-def test_spec_callable_gives_the_with_prores_model():
+@pytest.mark.parametrize("arch", ["pre", "sandwich"])  # sandwich: the spec callable must pass arch on
+def test_spec_callable_gives_the_with_prores_model(arch):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from prores_megatron.bridge import ProResConfig, ProResLayerSpec, attach_prores
@@ -73,14 +74,15 @@ def test_spec_callable_gives_the_with_prores_model():
     from models import gpt_model
 
     cfg = model_config()
-    attach_prores(cfg, ProResConfig(schedule="linear", warmup_steps=T))
-    assert cfg.transformer_layer_spec == ProResLayerSpec("linear", T, "pre")
+    attach_prores(cfg, ProResConfig(schedule="linear", warmup_steps=T, arch=arch))
+    assert cfg.transformer_layer_spec == ProResLayerSpec("linear", T, arch)
     built = build(cfg)
     torch.manual_seed(0)
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     model_parallel_cuda_manual_seed(0)
-    reference = gpt_model(cfg.transformer, with_prores(get_gpt_layer_local_spec(normalization="RMSNorm"), "linear", T))
+    stock = get_gpt_layer_local_spec(normalization="RMSNorm")
+    reference = gpt_model(cfg.transformer, with_prores(stock, "linear", T, arch=arch, config=cfg.transformer))
     assert [(n, type(m)) for n, m in built.named_modules()] == [(n, type(m)) for n, m in reference.named_modules()]
     ours, theirs = built.state_dict(), reference.state_dict()
     assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours if "_extra" not in k)
@@ -119,6 +121,8 @@ def test_callback_sets_alpha_each_step_through_bridge_callback_manager(tmp_path)
     args.save = args.tensorboard_dir = None
     args.use_distributed_optimizer = args.sequence_parallel = False
     model = build(cfg)
+    finalized = []
+    model.config.finalize_model_grads_func = finalized.append  # Bridge's setup installs its own before train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     manager = CallbackManager()
     manager.add(ProResCallback(args))
@@ -130,19 +134,21 @@ def test_callback_sets_alpha_each_step_through_bridge_callback_manager(tmp_path)
     manager.fire("on_train_start", context())
     seen, losses = {}, []
     toks = tokens()
-    while state.train_state.step < 7:  # Bridge's loop: start event, step, end event, step += 1
+    while state.train_state.step < 7:  # Bridge 0.6.2's train(): start event, step, end event, then step += 1
         manager.fire("on_train_step_start", context())
         seen[state.train_state.step] = alphas(model)
         optimizer.zero_grad()
         loss = forward(model, toks).float().logsumexp(-1).mean()
         loss.backward()
+        model.config.finalize_model_grads_func([model])  # forward_backward_func ends with it; the monitor wraps it
         optimizer.step()
         losses.append(float(loss))
-        state.train_state.step += 1
         manager.fire("on_train_step_end", context(loss_dict={"lm loss": loss.detach()}, grad_norm=1.5,
                                                    skipped_iter=False))
+        state.train_state.step += 1
     for t, want in EXPECTED.items():
         assert seen[t] == pytest.approx(want, abs=1e-7), t
+    assert len(finalized) == 7  # the monitor's wrapper calls the finalize function it found
     state.train_state.step = 4  # evaluation after 4 steps uses the alpha of the last one (t = 3)
     manager.fire("on_eval_start", context())
     assert alphas(model) == pytest.approx(EXPECTED[3], abs=1e-7)
@@ -151,6 +157,11 @@ def test_callback_sets_alpha_each_step_through_bridge_callback_manager(tmp_path)
     assert [r["iteration"] for r in steps] == list(range(1, 8))
     assert [r["lm_loss"] for r in steps] == pytest.approx(losses) and {r["grad_norm"] for r in steps} == {1.5}
     assert records[0]["kind"] == "run" and records[0]["warmup_steps"] == T
+    # monitor_interval 3: iterations 3 and 6 (1-based) are measured, i.e. steps t = 2 and 5, and the
+    # alpha the monitor saw is what the buffers held during those steps.
+    layers = [r for r in records if r["kind"] == "layers"]
+    assert [(r["iteration"], r["step"]) for r in layers] == [(3, 2), (6, 5)]
+    assert [r["alpha"] for r in layers] == [pytest.approx(EXPECTED[2]), pytest.approx(EXPECTED[5])]
     assert records[-1]["kind"] == "spikes"
 
 

@@ -9,15 +9,21 @@ import pytest
 
 def test_demo_end_to_end(short_demo):
     summary = (short_demo / "summary.txt").read_text()
-    losses = dict(re.findall(r"^(\w+)\s+validation loss: ([0-9.Ee+-]+)$", summary, flags=re.M))
+    losses = dict(re.findall(r"^(\w+)\s+validation loss: ([0-9.]+) \(standard error [0-9.]+; [0-9,]+ held-out",
+                             summary, flags=re.M))
     assert set(losses) == {"prores", "baseline"}
     assert all(0 < float(v) < 20 for v in losses.values())
+    delta = float(re.search(r"^ProRes - baseline: ([+-][0-9.]+) ", summary, flags=re.M).group(1))
+    assert delta == pytest.approx(float(losses["prores"]) - float(losses["baseline"]), abs=2e-4)
+    # 4 layers, 6 steps: not a setting the depth sweep measured, and the summary says so.
+    assert "benchmarks/bench_depth.py has no measurement for these settings (4 layers" in summary
     for run in ("prores", "baseline"):
         assert (short_demo / run / "ckpt" / "iter_0000006").is_dir()
         kinds = [json.loads(l)["kind"] for l in (short_demo / run / "ckpt" / "prores_monitor.jsonl").read_text().splitlines()]
         assert kinds.count("step") == 6 and kinds.count("layers") == 3 and kinds[-1] == "spikes"
     report = (short_demo / "report" / "report.md").read_text()
     assert "prores" in report and "baseline" in report
+    assert "## Summary" in report and f"ProRes - baseline: {delta:+.4f}" in report  # the demo's summary, quoted
     pngs = sorted((short_demo / "report").glob("*.png"))
     assert len(pngs) >= 4 and all(p.stat().st_size > 5000 for p in pngs)
     for png in pngs:

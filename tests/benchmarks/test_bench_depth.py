@@ -1,0 +1,96 @@
+"""benchmarks/bench_depth.py: the interval arithmetic against hand-computed values, the T rule, and a
+shortened sweep (two small depths, one seed, a few steps) through the real Megatron-LM loop that
+writes the tables and figures and resumes from its cache (docs/benchmarks.md §6)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_depth  # noqa: E402
+import depth_report  # noqa: E402
+
+
+def test_interval_matches_hand_computation():
+    # [1, 2, 3]: mean 2, s = 1, t_{0.975, 2} = 4.302653 (tables) -> 4.302653 / sqrt(3) = 2.484138.
+    m, h, n = depth_report.mean_ci([1.0, 2.0, 3.0])
+    assert (m, n) == (2.0, 3) and h == pytest.approx(2.484138, abs=2e-6)
+    # [0.1, -0.3]: mean -0.1, s = 0.4 / sqrt(2) = 0.2828427, t_{0.975, 1} = 12.706205 -> 2.541241.
+    m, h, n = depth_report.mean_ci([0.1, -0.3])
+    assert m == pytest.approx(-0.1) and h == pytest.approx(2.541241, abs=2e-6)
+    # 90 %: t_{0.95, 2} = 2.919986 -> 2.919986 / sqrt(3) = 1.685854.
+    assert depth_report.mean_ci([1.0, 2.0, 3.0], level=0.90)[1] == pytest.approx(1.685854, abs=2e-6)
+    m, h, n = depth_report.mean_ci([5.0])
+    assert m == 5.0 and math.isnan(h) and n == 1
+    # Paired windows: differences 1, 2, 3, 4 -> s = 1.2909944, SE = s / 2 = 0.6454972.
+    assert depth_report.paired_se([1, 2, 3, 4], [0, 0, 0, 0]) == pytest.approx(0.6454972, abs=1e-7)
+
+
+def test_t_rule():
+    # paper: T = N/100 unless T*L would pass 0.6 N (then T = 0.6 N / L).
+    assert bench_depth.warmup_steps("paper", 300, 8) == 3.0
+    assert bench_depth.warmup_steps("paper", 300, 64) == pytest.approx(180 / 64)
+    assert bench_depth.warmup_steps("share:0.5", 300, 50) == 3.0
+    assert bench_depth.warmup_steps("fixed:4", 300, 64) == 4.0
+    with pytest.raises(SystemExit, match="inside the run"):
+        bench_depth.warmup_steps("fixed:5", 300, 64)  # 320 steps of warmup in a 300-step run
+    with pytest.raises(SystemExit, match="expected paper"):
+        bench_depth.warmup_steps("linear", 300, 8)
+
+
+def _png_size(path: Path):
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", path
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_shortened_sweep_writes_tables_and_figures(short_demo, tmp_path):
+    import matplotlib.image
+    import numpy as np
+
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_depth.py"), "--depths", "1", "2", "--seeds", "1",
+           "--iters", "4", "--data-dir", str(short_demo / "data"), "--out", str(out)]
+    env = dict(os.environ, PYTHON=sys.executable)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+    report = (out / "report" / "report.md").read_text()
+    for depth in (1, 2):
+        assert f"\n| {depth} | " in report  # one table row per depth, in both tables
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    rows = {r["depth"]: r for r in summary["rows"]}
+    assert sorted(rows) == [1, 2]
+    results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))]
+    assert len(results) == 4 and {(r["depth"], r["variant"]) for r in results} == {
+        (d, v) for d in (1, 2) for v in ("prores", "baseline")}
+    for r in results:
+        # The evaluation read the trained model: alpha from its buffers is 1 after the warmup
+        # (T*L = 0.04 L steps < 4), the activation norm is finite per layer, the loss is a loss.
+        assert r["alpha"] == [1.0] * r["depth"]
+        assert len(r["resid_norm"]) == r["depth"] and all(math.isfinite(x) and x > 0 for x in r["resid_norm"])
+        assert 0 < r["val_loss"] < 8 and 0 < r["val_se"] < 0.1 and r["val_windows"] == len(r["window_losses"])
+        assert len(r["train_loss"]) == 4
+    for depth, row in rows.items():
+        p = next(r for r in results if r["depth"] == depth and r["variant"] == "prores")
+        b = next(r for r in results if r["depth"] == depth and r["variant"] == "baseline")
+        assert row["delta"][0] == pytest.approx(p["val_loss"] - b["val_loss"], abs=1e-12)
+    for name in ("val_loss_vs_depth", "delta_vs_depth", "activation_norm_depth", "train_loss_curves"):
+        png = out / "report" / f"{name}.png"
+        assert _png_size(png) == depth_report.FIGURE_SIZE
+        pixels = matplotlib.image.imread(png)
+        assert len(np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)) > 50, f"{png} looks blank"
+
+    # A second invocation trains nothing: every run comes from the cache.
+    logs = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/train.log")}
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in logs} == logs
+    assert "0.0 min of run time computed now" in again.stdout
