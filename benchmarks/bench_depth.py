@@ -10,7 +10,7 @@ stability indicators. Results are cached per run under ``--out``/runs (a run wit
 settings is never trained twice; an interrupted sweep resumes where it stopped), and the report
 (tables with 95 % intervals, PNG figures; benchmarks/depth_report.py) is rewritten at the end.
 
-The T rule (``--t-rule``; docs/benchmarks.md §6):
+The T rule (``--t-rule``; docs/benchmarks.md §5):
   paper    (default) T = N/100 per layer, the paper's ratio (T = 1000 in a 100k-step run), capped
            at T = 0.6 N / L so that the whole warmup T*L stays inside the run (the paper halved T at
            96 and 120 layers for the same reason);

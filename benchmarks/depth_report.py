@@ -241,6 +241,7 @@ def demo_summary(prores: dict, baseline: dict, benchmark: dict, depth: int, sett
                  f"{m:+.4f} ± {h:.4f} (95 % interval over seeds; per seed "
                  f"{', '.join(f'{x:+.3f}' for x in row['deltas'])}; ProRes better in {wins} of {n}). "
                  "One demo run is one draw from that spread.")
+    lines += [f"Control: {note}" for note in benchmark.get("controls", [])]
     return lines
 
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The main job: ProRes vs the plain model on real English text, on CPU, through Megatron-LM's own
 # training loop (pipeline parallel, 2 ranks on gloo), then a Hugging Face export, text generation
-# with transformers and a report. About 10 minutes on 2 cores (see README).
+# with transformers and a report. About 11 minutes on 2 cores (see README).
 #   DEMO_DIR     output folder (default runs/demo; reruns reuse the data and finished runs)
 #   CORPUS       your own text (.txt, .jsonl with a "text" key, .gz) instead of the demo corpus
-#   TRAIN_ITERS (300)  NUM_LAYERS (32)  HIDDEN (64)  SEQ (64)  VOCAB (4096)  PP (2)  TP (1)
+#   TRAIN_ITERS (300)  NUM_LAYERS (48)  HIDDEN (64)  SEQ (64)  VOCAB (4096)  PP (2)  TP (1)
 #   T_RULE (paper: T = min(N/100, 0.6 N/L) per layer, as benchmarks/bench_depth.py)  WARMUP_T (a fixed
 #   T instead)  LR (3e-3)  SEED (1234)  MONITOR_INTERVAL (25)  EVAL_INTERVAL (100)
 #   DATA_DIR     tokenizer + dataset folder (default DEMO_DIR/data; share it between runs)
@@ -14,7 +14,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then source "$ROOT/tools/setup_env.sh"; PYTHON="$PRORES_PY"; fi
 DEMO_DIR=${DEMO_DIR:-$ROOT/runs/demo}
-TRAIN_ITERS=${TRAIN_ITERS:-300}; NUM_LAYERS=${NUM_LAYERS:-32}; HIDDEN=${HIDDEN:-64}; SEQ=${SEQ:-64}
+TRAIN_ITERS=${TRAIN_ITERS:-300}; NUM_LAYERS=${NUM_LAYERS:-48}; HIDDEN=${HIDDEN:-64}; SEQ=${SEQ:-64}
 VOCAB=${VOCAB:-4096}; PP=${PP:-2}; TP=${TP:-1}; SEED=${SEED:-1234}; LR=${LR:-3e-3}
 if [[ -n "${WARMUP_T:-}" ]]; then T_RULE="fixed:$WARMUP_T"; fi; T_RULE=${T_RULE:-paper}
 MONITOR_INTERVAL=${MONITOR_INTERVAL:-25}; EVAL_INTERVAL=${EVAL_INTERVAL:-100}

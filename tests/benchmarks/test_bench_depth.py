@@ -1,6 +1,6 @@
 """benchmarks/bench_depth.py: the interval arithmetic against hand-computed values, the T rule, and a
 shortened sweep (two small depths, one seed, a few steps) through the real Megatron-LM loop that
-writes the tables and figures and resumes from its cache (docs/benchmarks.md §6)."""
+writes the tables and figures and resumes from its cache (docs/benchmarks.md §5)."""
 
 import json
 import math
