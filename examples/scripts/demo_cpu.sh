@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: ProRes vs the plain model on real English text, on CPU, through Megatron-LM's own
 # training loop (pipeline parallel, 2 ranks on gloo), then a Hugging Face export, text generation
-# with transformers and a report. About 11 minutes on 2 cores (see README).
+# with transformers and a report. About 22 minutes on 2 cores (see README).
 #   DEMO_DIR     output folder (default runs/demo; reruns reuse the data and finished runs)
 #   CORPUS       your own text (.txt, .jsonl with a "text" key, .gz) instead of the demo corpus
 #   TRAIN_ITERS (300)  NUM_LAYERS (48)  HIDDEN (64)  SEQ (64)  VOCAB (4096)  PP (2)  TP (1)
