@@ -126,6 +126,16 @@ def _save(plt, fig, path):
     return path
 
 
+def _finish_depth_axis(plt, fig, ax, depths, ylabel, title, path):
+    ax.set_xlabel("layers")
+    ax.set_ylabel(ylabel)
+    ax.set_xticks(depths)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, path)
+
+
 def _val_figure(plt, rows, path):
     fig, ax = _figure(plt)
     depths = [r["depth"] for r in rows]
@@ -134,13 +144,8 @@ def _val_figure(plt, rows, path):
         h = [0 if math.isnan(r[v][1]) else r[v][1] for r in rows]
         ax.errorbar(depths, m, yerr=h, marker="o", capsize=4, color=colour,
                     label="Pre-LN + ProRes" if v == "prores" else "Pre-LN baseline")
-    ax.set_xlabel("layers")
-    ax.set_ylabel("final validation loss")
-    ax.set_xticks(depths)
-    ax.set_title("Final validation loss against depth (mean ± 95 % interval over seeds)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return _save(plt, fig, path)
+    return _finish_depth_axis(plt, fig, ax, depths, "final validation loss",
+                              "Final validation loss against depth (mean ± 95 % interval over seeds)", path)
 
 
 def _delta_figure(plt, rows, path):
@@ -153,13 +158,8 @@ def _delta_figure(plt, rows, path):
     for r in rows:
         ax.scatter([r["depth"]] * len(r["deltas"]), r["deltas"], color="tab:orange", s=14, zorder=3)
     ax.scatter([], [], color="tab:orange", s=14, label="one seed")
-    ax.set_xlabel("layers")
-    ax.set_ylabel("validation loss, ProRes − baseline (negative: ProRes better)")
-    ax.set_xticks(depths)
-    ax.set_title("ProRes − baseline against depth")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return _save(plt, fig, path)
+    return _finish_depth_axis(plt, fig, ax, depths, "validation loss, ProRes − baseline (negative: ProRes better)",
+                              "ProRes − baseline against depth", path)
 
 
 def _activation_figure(plt, results, path):
