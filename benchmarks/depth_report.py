@@ -162,8 +162,8 @@ def _delta_figure(plt, rows, path):
                               "ProRes − baseline against depth", path)
 
 
-def _activation_figure(plt, results, path):
-    fig, ax = _figure(plt)
+def _per_depth_lines(plt, ax, results, draw):
+    """``draw(ax, depth, runs, style, colour, label)`` for each depth and variant that has runs."""
     depths = sorted({r["depth"] for r in results})
     cmap = plt.get_cmap("viridis")
     for i, depth in enumerate(depths):
@@ -171,9 +171,17 @@ def _activation_figure(plt, results, path):
         for v, style in zip(VARIANTS, ("-", "--")):
             runs = [r for r in results if r["depth"] == depth and r["variant"] == v]
             if runs:
-                norm = np.mean([r["resid_norm"] for r in runs], axis=0)
-                ax.plot(np.arange(1, depth + 1), norm, style, color=colour,
-                        label=f"{depth} layers, {'ProRes' if v == 'prores' else 'baseline'}")
+                draw(ax, depth, runs, style, colour, f"{depth} layers, {'ProRes' if v == 'prores' else 'baseline'}")
+
+
+def _activation_figure(plt, results, path):
+    fig, ax = _figure(plt)
+
+    def draw(ax, depth, runs, style, colour, label):
+        ax.plot(np.arange(1, depth + 1), np.mean([r["resid_norm"] for r in runs], axis=0), style,
+                color=colour, label=label)
+
+    _per_depth_lines(plt, ax, results, draw)
     ax.set_yscale("log")
     ax.set_xlabel("layer")
     ax.set_ylabel("mean per-token L2 norm of the residual stream after the layer")
@@ -185,18 +193,14 @@ def _activation_figure(plt, results, path):
 
 def _curves_figure(plt, results, path):
     fig, ax = _figure(plt)
-    depths = sorted({r["depth"] for r in results})
-    cmap = plt.get_cmap("viridis")
-    for i, depth in enumerate(depths):
-        colour = cmap(i / max(1, len(depths) - 1))
-        for v, style in zip(VARIANTS, ("-", "--")):
-            runs = [r for r in results if r["depth"] == depth and r["variant"] == v and r.get("train_loss")]
-            if runs:
-                n = min(len(r["train_loss"]) for r in runs)
-                curve = np.mean([r["train_loss"][:n] for r in runs], axis=0)
-                smooth = np.convolve(curve, np.ones(10) / 10, mode="valid") if n >= 10 else curve
-                ax.plot(np.arange(len(smooth)) + (n - len(smooth)) + 1, smooth, style, color=colour,
-                        label=f"{depth} layers, {'ProRes' if v == 'prores' else 'baseline'}")
+
+    def draw(ax, depth, runs, style, colour, label):
+        n = min(len(r["train_loss"]) for r in runs)
+        curve = np.mean([r["train_loss"][:n] for r in runs], axis=0)
+        smooth = np.convolve(curve, np.ones(10) / 10, mode="valid") if n >= 10 else curve
+        ax.plot(np.arange(len(smooth)) + (n - len(smooth)) + 1, smooth, style, color=colour, label=label)
+
+    _per_depth_lines(plt, ax, [r for r in results if r.get("train_loss")], draw)
     ax.set_xlabel("iteration")
     ax.set_ylabel("training loss (mean over seeds, 10-step moving average)")
     ax.set_title("Training loss (solid: ProRes, dashed: baseline)")

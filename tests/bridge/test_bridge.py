@@ -199,6 +199,19 @@ def containers():
     return _ConfigContainerBase
 
 
+def run_container(name, model_type, **extra_fields):
+    """A Bridge config container with a ``model`` field of ``model_type`` (and ``extra_fields``:
+    name -> dataclasses.field), importable as ``tests.bridge.test_bridge.<name>`` for the YAML reload."""
+    from dataclasses import make_dataclass
+
+    fields = [("model", Optional[model_type], field(default=None))]
+    fields += [(k, object, f) for k, f in extra_fields.items()]
+    cls = make_dataclass(name, fields, bases=(containers(),), kw_only=True)
+    cls.__module__ = __name__
+    globals()[name] = cls
+    return cls
+
+
 def roundtrip(container, path):
     container.to_yaml(str(path))
     return type(container).from_yaml(str(path))
@@ -216,14 +229,7 @@ def test_yaml_roundtrip_keeps_the_spec_or_is_refused(tmp_path):
 
     from prores_megatron.bridge import ProResLayerSpec
 
-    base = containers()
-
-    @dataclass(kw_only=True)
-    class Run(base):
-        model: Optional[ProviderLike] = None
-
-    Run.__qualname__ = Run.__name__ = "RunProvider"
-    globals()["RunProvider"] = Run
+    Run = run_container("RunProvider", ProviderLike)
     run = Run(model=ProviderLike(transformer_layer_spec=ProResLayerSpec("linear-sqrt", 5.0, "lns")))
     text_path = tmp_path / "run_config.yaml"
     back = roundtrip(run, text_path)
@@ -250,14 +256,7 @@ def test_yaml_roundtrip_of_gpt_model_config_refuses_the_lost_spec(tmp_path):
         restore_prores_spec,
     )
 
-    base = containers()
-
-    @dataclass(kw_only=True)
-    class Run(base):
-        model: Optional[GPTModelConfig] = None
-
-    Run.__qualname__ = Run.__name__ = "RunGPT"
-    globals()["RunGPT"] = Run
+    Run = run_container("RunGPT", GPTModelConfig)
     cfg = model_config()
     attach_prores(cfg, ProResConfig(schedule="linear", warmup_steps=T, start_step=1))
     back = roundtrip(Run(model=cfg), tmp_path / "run_config.yaml").model
@@ -288,15 +287,8 @@ def save_bridge_checkpoint(model, cfg, save_dir, iteration):
     from megatron.core import dist_checkpointing
     from megatron.training.models.gpt import GPTModelConfig
 
-    base = containers()
-
-    @dataclass(kw_only=True)
-    class Run(base):
-        model: Optional[GPTModelConfig] = None
-        tokenizer: dict = field(default_factory=lambda: {"tokenizer_type": "NullTokenizer"})
-
-    Run.__qualname__ = Run.__name__ = "RunSaved"
-    globals()["RunSaved"] = Run
+    Run = run_container("RunSaved", GPTModelConfig,
+                        tokenizer=field(default_factory=lambda: {"tokenizer_type": "NullTokenizer"}))
     it_dir = save_dir / f"iter_{iteration:07d}"
     it_dir.mkdir(parents=True)
     dist_checkpointing.save({"checkpoint_version": 3.0, "iteration": iteration, "model": model.sharded_state_dict()},
