@@ -1,16 +1,9 @@
 """Shared fixtures: a world-size-1 gloo group with megatron-core model parallelism initialised."""
 
 import os
-import socket
 
 import pytest
 import torch
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from prores_megatron.utils import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 T, L, ITERS = 2, 4, 9
 MID, END = 3, 9
@@ -52,14 +54,6 @@ CONFIGS = {
               "--tokenizer-type", "GPTSentencePieceTokenizer"]),
 }
 VOCAB = {"A": 500, "B": 300}
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_sentencepiece(directory: Path) -> Path:

@@ -17,7 +17,8 @@ Megatron imports stay inside the functions (after the shim).
 """
 
 import copy
-import socket
+
+from ..utils import free_port
 
 # Layout and fusion settings that only make sense on the training cluster.
 _UNSPLIT = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, context_parallel_size=1,
@@ -30,12 +31,6 @@ _CPU = dict(transformer_impl="local", use_cpu_initialization=True, fp8=None, bia
             apply_rope_fusion=False, masked_softmax_fusion=False, bias_swiglu_fusion=False,
             bias_gelu_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False)
 _NO_PRORES = dict(prores_schedule="none", prores_warmup_steps=None, prores_arch="pre")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_world1(device: str, seed: int = 1234) -> None:
@@ -52,7 +47,7 @@ def init_world1(device: str, seed: int = 1234) -> None:
 
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo" if device == "cpu" else "nccl", rank=0, world_size=1,
-                                             init_method=f"tcp://127.0.0.1:{_free_port()}")
+                                             init_method=f"tcp://127.0.0.1:{free_port()}")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(seed)

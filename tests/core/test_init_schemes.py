@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from prores_megatron.utils import free_port
+
 from models import gpt_model, llama_config
 
 L, H, HEADS, GROUPS, FFN, SIGMA = 24, 128, 4, 2, 256, 0.02
@@ -109,8 +111,6 @@ def test_tp2_weights_equal_tp1_weights(tmp_path):
 
 
 def _run_init_worker(tmp_path, mode, sizes):
-    from conftest import free_port
-
     worker = Path(__file__).resolve().parents[1] / "init_worker.py"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     procs = {}

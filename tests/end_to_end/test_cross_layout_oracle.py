@@ -11,7 +11,6 @@ This is the end-to-end check that alpha(l, t) reaches the right GLOBAL layer on 
 import json
 import math
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from prores_megatron import alpha_table
+from prores_megatron.utils import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "oracle_worker.py"
@@ -73,12 +73,6 @@ EXPECTED_LAYERS = {
 TP_TOL = 1e-6  # relative and absolute
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world_size, configs, workdir):
     cfg_path = workdir / f"configs_ws{world_size}.json"
     cfg_path.write_text(json.dumps(configs))
@@ -93,7 +87,7 @@ def _launch(world_size, configs, workdir):
         "--nnodes", "1",
         "--nproc_per_node", str(world_size),
         "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()),
+        "--master_port", str(free_port()),
         str(WORKER), "--configs", str(cfg_path), "--out", str(out),
     ]
     proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
