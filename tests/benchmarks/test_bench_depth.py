@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_depth  # noqa: E402
+import depth_controls  # noqa: E402
 import depth_report  # noqa: E402
 
 
@@ -31,6 +32,32 @@ def test_interval_matches_hand_computation():
     assert m == 5.0 and math.isnan(h) and n == 1
     # Paired windows: differences 1, 2, 3, 4 -> s = 1.2909944, SE = s / 2 = 0.6454972.
     assert depth_report.paired_se([1, 2, 3, 4], [0, 0, 0, 0]) == pytest.approx(0.6454972, abs=1e-7)
+
+
+def _result(variant, lr, seed, loss, t=3.0):
+    return dict(depth=8, variant=variant, lr=lr, seed=seed, T=t, val_loss=loss, clipped_steps=seed,
+                max_grad_norm_after_10pct=1.0, resid_norm=[1.0, 2.0 * seed])
+
+
+def test_controls_pick_the_tuned_baseline_and_pair_by_seed():
+    results = [_result("baseline", 3e-3, 1, 5.2), _result("baseline", 3e-3, 2, 5.4),
+               _result("baseline", 1.5e-3, 1, 5.0), _result("baseline", 1.5e-3, 2, 5.2),
+               _result("baseline", 7.5e-4, 1, 4.0),  # lowest, but one seed of two: not eligible
+               _result("prores", 3e-3, 1, 4.9), _result("prores", 3e-3, 2, 5.25)]
+    row = depth_controls.control_rows(results)[8]
+    assert row["tuned_baseline"] == ("baseline", 1.5e-3, None)  # mean 5.1 against 5.3
+    labels = [c["label"] for c in row["configs"]]
+    assert labels == ["baseline lr 0.00075", "baseline lr 0.0015", "baseline lr 0.003", "prores lr 0.003 T 3"]
+    prores = row["configs"][-1]
+    assert prores["per_seed"] == [4.9, 5.25] and prores["last_layer_norm"][0] == pytest.approx(3.0)
+    (against,) = row["against_tuned"]
+    # By hand: 4.9 - 5.0 = -0.1 and 5.25 - 5.2 = +0.05; mean -0.025, one of two better.
+    assert against["deltas"] == pytest.approx([-0.1, 0.05]) and against["wins"] == 1
+    assert against["delta"][0] == pytest.approx(-0.025)
+    # s = sqrt(2 x 0.075^2 / 1) = 0.075 sqrt(2); half width t(0.975, 1) s / sqrt(2) = 12.7062047 x 0.075.
+    assert against["delta"][1] == pytest.approx(12.7062047 * 0.075, rel=1e-6)
+    text = "\n".join(depth_controls.markdown({8: row}))
+    assert "Tuned baseline (lowest mean over seeds): baseline lr 0.0015." in text and "| -0.100, +0.050 | 1/2 |" in text
 
 
 def test_t_rule():

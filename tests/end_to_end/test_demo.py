@@ -45,3 +45,35 @@ def test_demo_export_matches_megatron_alpha(short_demo):
     meta = json.loads((short_demo / "hf" / "prores_export.json").read_text())
     assert (meta["schedule"], meta["warmup_steps"], meta["iteration"], meta["step"]) == ("linear", 1.0, 6, 6)
     assert meta["alpha_per_layer"] == pytest.approx(alpha_table("linear", 6, 1.0, 4))
+
+
+def test_a_failed_training_stops_the_other_one(short_demo, tmp_path):
+    """The two trainings run side by side; when one fails the demo stops the other and exits with an
+    error at once. A stand-in interpreter fails the ProRes launch and makes the baseline's hang."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    marker = tmp_path / "baseline_started"
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+if [[ "$*" == *torch.distributed.run*"--prores-schedule linear"* ]]; then sleep 2; echo "RuntimeError: injected" >&2; exit 3; fi
+if [[ "$*" == *torch.distributed.run*"--prores-schedule none"* ]]; then touch {marker}; exec sleep 317; fi
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHON=str(fake), DEMO_DIR=str(tmp_path / "demo"), DATA_DIR=str(short_demo / "data"),
+               NUM_LAYERS="4", TRAIN_ITERS="6")
+    start = time.monotonic()
+    proc = subprocess.run(["bash", str(root / "examples" / "scripts" / "demo_cpu.sh")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and marker.exists(), proc.stdout + proc.stderr
+    assert time.monotonic() - start < 60  # not the 317 s the baseline would have taken
+    assert "[prores] RuntimeError: injected" in proc.stdout
+    assert "demo: a training failed" in proc.stderr
+    assert not (tmp_path / "demo" / "summary.txt").exists()
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "sleep 317" not in ps  # the baseline's stand-in launcher was stopped
