@@ -16,42 +16,69 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from prores_megatron.utils import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "scripts" / "pretrain_tiny_cpu.sh"
 L, SAVED = 8, 4
 
 
-def run(save: Path, prores: str, extra: str = "", exit_interval=None) -> str:
+def launch(save: Path, prores: str, extra: str = "", exit_interval=None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHON=sys.executable, TP="1", PP="1", TRAIN_ITERS=str(SAVED + 2), SAVE_DIR=str(save),
-               PRORES_ARGS=prores)
+               PRORES_ARGS=prores, MASTER_PORT=str(free_port()))
     if exit_interval:
         env["EXIT_INTERVAL"] = str(exit_interval)
     env["EXTRA_ARGS"] = f"--save-interval {SAVED} --eval-interval 1000 --eval-iters 1 --log-interval 4 {extra}"
-    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
+
+
+def log_of(proc: subprocess.CompletedProcess, ok: bool = True) -> str:
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
+    assert (proc.returncode == 0) == ok, log[-4000:]
     return log
 
 
 @pytest.fixture(scope="module")
 def vanilla(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume_settings")
-    log = run(tmp / "vanilla", "--prores-schedule none", exit_interval=SAVED)
+    log = log_of(launch(tmp / "vanilla", "--prores-schedule none", exit_interval=SAVED))
     assert (tmp / "vanilla" / f"iter_{SAVED:07d}").is_dir()
     return tmp, log
 
 
-def resumed(vanilla, name, prores, extra=""):
+# The resumes of the vanilla checkpoint, each from its own copy: name -> (--prores-* flags, extra flags).
+RESUMES = {
+    "on": ("--prores-schedule linear --prores-warmup-steps 1", ""),
+    "start": (f"--prores-schedule linear --prores-warmup-steps 1 --prores-start-step {SAVED}", "--prores-monitor-interval 1"),
+    "same": ("--prores-schedule none", ""),
+    "crafted": ("--prores-schedule none", ""),  # its .metadata edited first (_craft)
+    "vocab": ("--prores-schedule none", "--make-vocab-size-divisible-by 1024"),
+}
+
+
+@pytest.fixture(scope="module")
+def resumes(vanilla):
+    """Every resume, two at a time (each is one process on one thread): {name: (copy, process)}, and
+    the marker file that the crafted checkpoint's pickle would create."""
     tmp, _ = vanilla
-    save = tmp / name
-    shutil.copytree(tmp / "vanilla", save)
-    return save, run(save, prores, extra)
+    for name in RESUMES:
+        shutil.copytree(tmp / "vanilla", tmp / name)
+    marker = _craft(tmp / "crafted", tmp / "marker")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(launch, tmp / name, *flags) for name, flags in RESUMES.items()}
+        return {name: (tmp / name, futures[name].result()) for name in RESUMES}, marker
+
+
+def resumed(resumes, name):
+    save, proc = resumes[0][name]
+    return save, log_of(proc)
 
 
 def warning_of(log):
@@ -60,8 +87,8 @@ def warning_of(log):
     return lines[0] if lines else None
 
 
-def test_switching_prores_on_warns_with_the_alpha_jump(vanilla):
-    save, log = resumed(vanilla, "on", "--prores-schedule linear --prores-warmup-steps 1")
+def test_switching_prores_on_warns_with_the_alpha_jump(resumes):
+    save, log = resumed(resumes, "on")
     warning = warning_of(log)
     assert warning is not None, log[-3000:]
     print("\n" + warning)
@@ -74,9 +101,8 @@ def test_switching_prores_on_warns_with_the_alpha_jump(vanilla):
     assert " [ProRes] iteration        6 |" not in log and " [ProRes] iteration        8 |" not in log
 
 
-def test_start_step_starts_the_warmup_at_the_resume_point(vanilla):
-    save, log = resumed(vanilla, "start", f"--prores-schedule linear --prores-warmup-steps 1 --prores-start-step {SAVED}",
-                        extra="--prores-monitor-interval 1")
+def test_start_step_starts_the_warmup_at_the_resume_point(resumes):
+    save, log = resumed(resumes, "start")
     warning = warning_of(log)
     assert f"--prores-start-step 0 -> {SAVED}" in warning and "layer 8: alpha 1 -> 0 " in warning
     assert "pass --prores-start-step" not in warning
@@ -90,9 +116,9 @@ def test_start_step_starts_the_warmup_at_the_resume_point(vanilla):
     assert "step t=0 " in log and f"--prores-start-step {SAVED} |" in log
 
 
-def test_an_unchanged_resume_says_nothing(vanilla):
+def test_an_unchanged_resume_says_nothing(vanilla, resumes):
     _, first_log = vanilla
-    _, log = resumed(vanilla, "same", "--prores-schedule none")
+    _, log = resumed(resumes, "same")
     assert warning_of(log) is None and warning_of(first_log) is None
     assert " [ProRes] iteration        5 | first step of this launch: schedule none" in log
 
@@ -128,47 +154,35 @@ class _TouchMarker:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_resuming_a_crafted_checkpoint_runs_no_code(vanilla, tmp_path):
-    """Megatron-LM's own load_checkpoint runs under the allow-list: a .metadata whose pickle calls
-    os.system stops the run on every rank, naming the global, and the command never runs."""
+def _craft(save: Path, marker: Path) -> Path:
+    """Make the copy's .metadata carry a pickle that would run ``touch marker``."""
     import pickle
 
-    tmp, _ = vanilla
-    save = tmp_path / "crafted"
-    shutil.copytree(tmp / "vanilla", save)
     metadata = save / f"iter_{SAVED:07d}" / ".metadata"
     with open(metadata, "rb") as f:
         md = pickle.load(f)  # our own checkpoint, just written: trusted
-    marker = tmp_path / "marker"
     md.storage_meta.modules = ["model", _TouchMarker(marker)]
     with open(metadata, "wb") as f:
         pickle.dump(md, f)
-    env = dict(os.environ, PYTHON=sys.executable, TP="1", PP="1", TRAIN_ITERS=str(SAVED + 2), SAVE_DIR=str(save),
-               PRORES_ARGS="--prores-schedule none",
-               EXTRA_ARGS=f"--save-interval {SAVED} --eval-interval 1000 --eval-iters 1")
-    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode != 0, log[-3000:]
+    return marker
+
+
+def test_resuming_a_crafted_checkpoint_runs_no_code(resumes):
+    """Megatron-LM's own load_checkpoint runs under the allow-list: a .metadata whose pickle calls
+    os.system stops the run on every rank, naming the global, and the command never runs."""
+    (_, proc), marker = resumes[0]["crafted"], resumes[1]
+    log = log_of(proc, ok=False)
     assert f"{os.system.__module__}.system" in log and "UnsafePickleError" in log, log[-3000:]
     assert not marker.exists()
 
 
-def test_a_resume_that_pads_the_vocabulary_differently_is_refused(vanilla, tmp_path):
+def test_a_resume_that_pads_the_vocabulary_differently_is_refused(resumes):
     """The vanilla run's vocabulary (511 tokens) is padded to 512 rows (a multiple of 128 x TP 1).
     Resumed with --make-vocab-size-divisible-by 1024 it would pad to 1024, and Megatron would load
     the checkpoint without a word (measured at TP 1 -> TP 2 with 100 tokens, 128 -> 256 rows: loss 4.23
     at the save, 4.63 one step later; docs/megatron.md §7). The run refuses, naming the two paddings
     and a --make-vocab-size-divisible-by that keeps 512 rows (128: ceil(511 / 128) x 128 = 512)."""
-    tmp, _ = vanilla
-    save = tmp_path / "ckpt"
-    shutil.copytree(tmp / "vanilla", save)
-    env = dict(os.environ, PYTHON=sys.executable, TP="1", PP="1", TRAIN_ITERS=str(SAVED + 2), SAVE_DIR=str(save),
-               PRORES_ARGS="--prores-schedule none",
-               EXTRA_ARGS=f"--save-interval {SAVED} --eval-interval 1000 --eval-iters 1 "
-                          "--make-vocab-size-divisible-by 1024")
-    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode != 0, log[-3000:]
+    log = log_of(resumes[0]["vocab"][1], ok=False)
     assert ("refusing to resume: the checkpoint being resumed" in log and "padded to 512 rows" in log
             and "pads the 511-token vocabulary to 1024" in log), log[-3000:]
     # That the suggestion reproduces the saved padding is also checked by hand below, against
