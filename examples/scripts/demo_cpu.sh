@@ -96,13 +96,19 @@ train_both() {  # train_both PRORES-FLAGS... -- BASELINE-FLAGS...
         if [[ "$arg" == "--" ]]; then into=baseline
         elif [[ $into == prores ]]; then prores+=("$arg"); else baseline+=("$arg"); fi
     done
-    train prores "${prores[@]}" & local p=$!
-    train baseline "${baseline[@]}" & local b=$!
-    local _
+    train prores "${prores[@]}" &
+    train baseline "${baseline[@]}" &
+    wait_both "a training failed; see $DEMO_DIR/prores/train.log and $DEMO_DIR/baseline/train.log"
+}
+wait_both() {  # wait_both MESSAGE [LOG...]: the script's two background jobs must both succeed; on the
+    local message=$1 job _; shift  # first failure stop the other, print the logs and MESSAGE, exit 1
     for _ in 1 2; do
-        if ! wait -n "$p" "$b"; then
-            pkill -TERM -P "$p" 2>/dev/null || true; pkill -TERM -P "$b" 2>/dev/null || true; wait || true
-            echo "demo: a training failed; see $DEMO_DIR/prores/train.log and $DEMO_DIR/baseline/train.log" >&2
+        if ! wait -n; then
+            # A job is a pipeline's subshell (stop its children: the launcher stops its ranks) or a plain command.
+            for job in $(jobs -p); do pkill -TERM -P "$job" 2>/dev/null || true; kill -TERM "$job" 2>/dev/null || true; done
+            wait || true
+            if (( $# )); then cat "$@" >&2; fi
+            echo "demo: $message" >&2
             exit 1
         fi
     done
@@ -115,11 +121,7 @@ for name in prores baseline; do  # side by side, one thread each
     "$PYTHON" -m prores_megatron.analysis.cli heldout --checkpoint "$DEMO_DIR/$name/ckpt" \
         --out "$DEMO_DIR/$name/heldout.json" > "$DEMO_DIR/$name/heldout.log" 2>&1 &
 done
-for _ in 1 2; do
-    if ! wait -n; then
-        kill $(jobs -p) 2>/dev/null || true; cat "$DEMO_DIR"/*/heldout.log >&2; echo "demo: heldout failed" >&2; exit 1
-    fi
-done
+wait_both "heldout failed" "$DEMO_DIR/prores/heldout.log" "$DEMO_DIR/baseline/heldout.log"
 for name in prores baseline; do grep -E "held-out loss" "$DEMO_DIR/$name/heldout.log" | sed "s/^/[$name] /"; done
 "$PYTHON" benchmarks/depth_report.py --prores "$DEMO_DIR/prores/heldout.json" --baseline "$DEMO_DIR/baseline/heldout.json" \
     --benchmark benchmarks/results/bench_depth.json --depth "$NUM_LAYERS" --iters "$TRAIN_ITERS" --t-rule "$T_RULE" \
