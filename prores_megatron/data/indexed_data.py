@@ -158,7 +158,7 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------- tokenizing (also in workers)
 
-_TOKENIZER = None  # per process: built once, inherited by forked workers
+_TOKENIZER = None  # per process: built once (each spawned worker builds its own)
 _STATE = {}
 
 
@@ -168,9 +168,22 @@ def _build_tokenizer(args):
     return build_tokenizer(args)
 
 
+def _worker_context():
+    """Never fork this process: one that already runs threads (torch's, gloo's, a caller's) can fork
+    while another thread holds a lock, and the worker hangs forever (seen in this project's tests).
+    A forkserver is a fresh single-threaded process that imports the tokenizer code once and forks
+    the workers from there (and serves later pools of this process); spawn where there is none.
+    Each worker builds its own tokenizer once (``_init_worker``)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["prores_megatron.data.indexed_data", "megatron.core.tokenizers.utils.build_tokenizer"])
+    return ctx
+
+
 def _init_worker(args, fmt_keys, append_eod, limit):
     global _TOKENIZER
-    if _TOKENIZER is None:  # a spawned (not forked) worker
+    if _TOKENIZER is None:  # a spawned worker
         _TOKENIZER = _build_tokenizer(args)
     _STATE.update(fmt_keys=fmt_keys, append_eod=append_eod, limit=limit)
 
@@ -267,10 +280,7 @@ def preprocess(args, checked, log=print):
         builders = {k: IndexedDatasetBuilder(str(tmp[b]), dtype=dtype) for k, b in zip(keys, bins)}
         try:
             if args.workers > 1:
-                methods = multiprocessing.get_all_start_methods()
-                # fork shares the tokenizer already built; elsewhere each worker builds its own.
-                ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-                pool = ctx.Pool(args.workers, initializer=_init_worker, initargs=init)
+                pool = _worker_context().Pool(args.workers, initializer=_init_worker, initargs=init)
                 results = pool.imap(_encode, _jobs(paths, fmts, args.text_unit), CHUNK)
             else:
                 _init_worker(*init)
