@@ -70,8 +70,8 @@ def spike_config(args) -> SpikeConfig:
         raise UsageError(f"{flag}: {err}") from None
 
 
-def score(series: Series, config: SpikeConfig):
-    """(SpikeResult or None, reason when None)."""
+def score(series: Series, config: SpikeConfig, not_trained=()):
+    """(SpikeResult or None, reason when None); ``not_trained``: iterations Megatron skipped."""
     if series is None or not len(series.iterations):
         return None, "not logged"
     gaps = series.gaps()
@@ -79,7 +79,8 @@ def score(series: Series, config: SpikeConfig):
         return None, (f"not logged at every iteration ({len(gaps)} missing between {series.iterations[0]} and "
                       f"{series.iterations[-1]}, first {gaps[0]}); the spike score needs every step "
                       "(--log-interval 1, or the monitor JSONL)")
-    result = spike_score(series.values, first_iteration=int(series.iterations[0]), config=config)
+    result = spike_score(series.values, first_iteration=int(series.iterations[0]), config=config,
+                         not_trained=not_trained)
     if result.score is None:
         return result, (f"no iteration scored: {result.num_steps} iterations give candidates "
                         f"{result.first_candidate}..{result.last_candidate}, none with >= "
@@ -265,7 +266,7 @@ def run(args) -> int:
     results, reasons = {}, {}
     for r in runs:
         for name in ("lm_loss", "grad_norm"):
-            results[(r.label, name)], reasons[(r.label, name)] = score(r.steps.get(name), config)
+            results[(r.label, name)], reasons[(r.label, name)] = score(r.steps.get(name), config, r.not_trained)
     report = Report(out, args.title)
     report.add(f"Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by "
                f"`prores-megatron report` from {len(runs)} run(s).", "")

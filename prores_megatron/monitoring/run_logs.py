@@ -11,7 +11,9 @@ Contract: ``load_run(label, paths)`` searches each path (a directory, searched r
   ``mlp_rms``, ``resid_rms``, ``resid_norm``, ``grad_norm``) as ``LayerSeries`` [n, L];
 - ``settings``: schedule, warmup_steps, num_layers, train_iters (+ arch, init, ...) from the last
   monitor ``run`` record, else from the arguments Megatron writes to TensorBoard;
-- ``online_spikes``: the monitor's last ``spikes`` record (None if absent).
+- ``online_spikes``: the monitor's last ``spikes`` record (None if absent);
+- ``not_trained``: the iterations the monitor recorded as skipped by Megatron (``--iterations-to-skip``),
+  whose step values are missing (NaN in ``steps``).
 
 An iteration logged twice (a resumed run repeats the steps after its last checkpoint) keeps the
 value logged last; several paths under one label are read in order, later ones winning. Malformed
@@ -84,6 +86,7 @@ class RunLog:
     layers: Dict[str, LayerSeries] = field(default_factory=dict)
     online_spikes: Optional[dict] = None
     notes: List[str] = field(default_factory=list)
+    not_trained: set = field(default_factory=set)
 
 
 def find_sources(path) -> tuple:
@@ -187,8 +190,10 @@ def _merge_monitor(run: RunLog, path: Path, steps: dict, layers: dict):
         first = recs["layers"][0][1]["alpha"]
         num_layers = len(first) if isinstance(first, list) else None
     for lineno, rec in recs["step"]:
+        iteration = int(rec["iteration"])
         for name in STEP_FIELDS:
-            steps.setdefault(name, {})[int(rec["iteration"])] = rec.get(name)
+            steps.setdefault(name, {})[iteration] = rec.get(name)
+        (run.not_trained.add if rec.get("not_trained") else run.not_trained.discard)(iteration)
     for lineno, rec in recs["layers"]:
         for name in LAYER_FIELDS:
             values = rec[name]

@@ -21,6 +21,9 @@ step), and a value equal to the mean is never a spike (else a constant history, 
 every following step). ``window_used`` is the shortest history behind any decision on a finite
 value: equal to ``window`` for runs of at least about 10 windows, smaller for short runs.
 
+An iteration Megatron did not train (``--iterations-to-skip``: no forward, no optimizer step, no
+value) is no candidate and holds a NaN place in later windows (``not_trained``); it is not a spike.
+
 ``spike_score(values, ...)`` is the offline form; ``OnlineSpikeDetector`` keeps a bounded deque of
 the last ``window`` values and gives, step by step, exactly the same decisions and result: both
 hand the same values, in the same order, to one decision function (``_Tally.decide``). Pure numpy.
@@ -155,12 +158,15 @@ def _as_float(value) -> float:
     return float("nan") if value is None else float(value)
 
 
-def _offline(values: Sequence, first_iteration: int, tally: _Tally) -> Iterator[Tuple[int, Optional[bool]]]:
-    y = np.array([_as_float(v) for v in values], dtype=np.float64)
+def _offline(values: Sequence, first_iteration: int, tally: _Tally,
+             not_trained=()) -> Iterator[Tuple[int, Optional[bool]]]:
+    not_trained = frozenset(not_trained)
+    y = np.array([float("nan") if first_iteration + i in not_trained else _as_float(v) for i, v in enumerate(values)],
+                 dtype=np.float64)
     w = tally.config.window
     for i in range(len(y)):
         t = first_iteration + i
-        if tally.is_candidate(t):
+        if tally.is_candidate(t) and t not in not_trained:
             # The slice is a view; _Tally.decide's finite filter makes the fresh array.
             yield t, tally.decide(t, float(y[i]), y[max(0, i - w):i])
 
@@ -170,20 +176,21 @@ def _num_steps(values, num_steps, first_iteration) -> int:
 
 
 def iter_decisions(values: Sequence, num_steps: Optional[int] = None, first_iteration: int = 1,
-                   config: SpikeConfig = SpikeConfig()) -> Iterator[Tuple[int, Optional[bool]]]:
+                   config: SpikeConfig = SpikeConfig(), not_trained=()) -> Iterator[Tuple[int, Optional[bool]]]:
     """(t, decision) for every candidate iteration t covered by ``values`` (values[i] is iteration
     first_iteration + i); decision None means skipped for short history."""
     tally = _Tally(_num_steps(values, num_steps, first_iteration), config)
-    return _offline(values, first_iteration, tally)
+    return _offline(values, first_iteration, tally, not_trained)
 
 
 def spike_score(values: Sequence, num_steps: Optional[int] = None, first_iteration: int = 1,
-                config: SpikeConfig = SpikeConfig()) -> SpikeResult:
+                config: SpikeConfig = SpikeConfig(), not_trained=()) -> SpikeResult:
     """Offline spike score (module docstring). ``values[i]`` is iteration first_iteration + i;
     ``num_steps`` (N) defaults to the last iteration covered. Give the run's --train-iters to
-    score a run that is still going against its full length."""
+    score a run that is still going against its full length. ``not_trained``: the iterations
+    Megatron skipped (their values are ignored)."""
     tally = _Tally(_num_steps(values, num_steps, first_iteration), config)
-    for _ in _offline(values, first_iteration, tally):
+    for _ in _offline(values, first_iteration, tally, not_trained):
         pass
     return tally.result()
 
@@ -191,8 +198,9 @@ def spike_score(values: Sequence, num_steps: Optional[int] = None, first_iterati
 class OnlineSpikeDetector:
     """The same score, one iteration at a time, holding only the last ``window`` values.
 
-    ``update(iteration, value)`` must see consecutive iterations (first_iteration, +1, ...) and
-    returns the decision for that iteration (None: not a candidate, or skipped for short history).
+    ``update(iteration, value)`` (or ``not_trained(iteration)``) must see consecutive iterations
+    (first_iteration, +1, ...) and returns the decision for that iteration (None: not a candidate,
+    or skipped for short history).
     To restore it after a resume, replay the logged values up to the checkpointed iteration.
     """
 
@@ -206,13 +214,21 @@ class OnlineSpikeDetector:
     def next_iteration(self) -> int:
         return self._next
 
-    def update(self, iteration: int, value) -> Optional[bool]:
+    def _advance(self, iteration: int, what: str) -> None:
         if iteration != self._next:
             raise ValueError(
-                f"OnlineSpikeDetector.update: got iteration {iteration}, expected {self._next} "
+                f"OnlineSpikeDetector.{what}: got iteration {iteration}, expected {self._next} "
                 "(the spike score needs every iteration, in order)"
             )
         self._next += 1
+
+    def not_trained(self, iteration: int) -> None:
+        """``iteration`` was skipped by Megatron: no decision, a NaN place in the window."""
+        self._advance(iteration, "not_trained")
+        self._history.append(float("nan"))
+
+    def update(self, iteration: int, value) -> Optional[bool]:
+        self._advance(iteration, "update")
         y = _as_float(value)
         decision = None
         if self._tally.is_candidate(iteration):

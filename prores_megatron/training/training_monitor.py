@@ -9,7 +9,9 @@ when Megatron finalises that iteration's gradients (our wrapper around
 ``config.finalize_model_grads_func``, called on every rank at the same point) the activation table
 and the per-layer gradient norms are reduced over DP/TP/PP. Megatron's ``training_log`` (wrapped)
 then hands over the iteration's loss and global grad norm, and the last rank writes:
-  - ``{"kind": "step", ...}`` every iteration (loss and grad norm, for the spike score),
+  - ``{"kind": "step", ...}`` every iteration (loss and grad norm, for the spike score); an
+    iteration Megatron skipped (``--iterations-to-skip``: no training_log) is written with
+    ``"not_trained": true`` and no values when the next one is logged, and is no spike,
   - ``{"kind": "layers", ...}`` on monitored iterations: alpha, attention/MLP branch RMS (before
     alpha), layer-output RMS and mean per-token L2 norm, per-layer gradient norm,
   - ``{"kind": "spikes", ...}`` when training ends (online spike scores),
@@ -185,7 +187,10 @@ class TrainingMonitor:
                        for k in ("lm_loss", "grad_norm")}
         for i in range(first, iteration):
             for key, detector in self.spikes.items():
-                detector.update(i, earlier[i - 1][key])
+                if earlier[i - 1].get("not_trained"):
+                    detector.not_trained(i)
+                else:
+                    detector.update(i, earlier[i - 1][key])
 
     def on_training_log(self, loss_dict, learning_rate, iteration, grad_norm, skipped_iter):
         """From the wrapped training_log, every iteration, on every rank."""
@@ -198,6 +203,13 @@ class TrainingMonitor:
             if self.spikes is None:
                 self._start_spike_detectors(iteration)
             grad = None if grad_norm is None else float(grad_norm)
+            # Iterations in between were skipped by Megatron (--iterations-to-skip, or its rerun
+            # machine's list): its loop moves on without a training_log, so they come with no values.
+            for missing in range(self.spikes["lm_loss"].next_iteration, iteration):
+                for detector in self.spikes.values():
+                    detector.not_trained(missing)
+                self._write({"kind": "step", "iteration": missing, "step": missing - 1, "lm_loss": None,
+                             "grad_norm": None, "lr": None, "skipped": True, "not_trained": True})
             self.spikes["lm_loss"].update(iteration, loss)
             self.spikes["grad_norm"].update(iteration, float("nan") if grad is None else grad)
             self._write({"kind": "step", "iteration": iteration, "step": step, "lm_loss": loss,
@@ -269,4 +281,5 @@ def _logged_steps(path):
         return {}
     nan = float("nan")
     return {rec["iteration"]: {"lm_loss": rec["lm_loss"], "grad_norm": nan if rec.get("grad_norm") is None
-                               else rec["grad_norm"]} for _, rec in records["step"]}
+                               else rec["grad_norm"], "not_trained": bool(rec.get("not_trained"))}
+            for _, rec in records["step"]}

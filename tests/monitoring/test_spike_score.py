@@ -165,6 +165,26 @@ def test_online_needs_every_iteration_in_order():
         det.update(3, 1.0)
 
 
+def test_an_iteration_megatron_did_not_train_is_no_spike_and_a_gap_in_the_window():
+    """--iterations-to-skip: iteration 7 was not trained (no value). By hand, window 4, min history 2,
+    candidates 0..8 of N = 8: t = 1, 2 have < 2 values (skipped); t = 3..6 see an alternation of 1, 2
+    and stay within 7 std; t = 7 is not judged; t = 8 (50) sees 2, 1, 2 and the gap: mean 5/3,
+    std sqrt(2/9) = 0.471, |50 - 5/3| >= 7 x 0.471, a spike. Evaluated: 3, 4, 5, 6, 8."""
+    cfg = SpikeConfig(window=4, min_history=2, start=0.0, end=1.0)
+    y = [1.0, 2.0, 1.0, 2.0, 1.0, 2.0, None, 50.0]
+    result = spike_score(y, config=cfg, not_trained={7})
+    assert (result.spikes, result.evaluated, result.skipped, result.spike_iterations) == (1, 5, 2, [8])
+    assert result.window_used == 2 and result.window_max == 4  # t = 3: 2 values; t = 5, 6: a full window
+    as_missing = spike_score(y, config=cfg)  # the same gap as a missing value is a spike (a diverged step)
+    assert (as_missing.spikes, as_missing.evaluated, as_missing.spike_iterations) == (2, 6, [7, 8])
+    det = OnlineSpikeDetector(8, cfg)
+    decisions = [det.update(t, v) if t != 7 else det.not_trained(t) for t, v in enumerate(y, start=1)]
+    assert decisions == [None, None, False, False, False, False, None, True]
+    assert det.result() == result
+    with pytest.raises(ValueError, match="got iteration 10, expected 9"):
+        det.not_trained(10)
+
+
 @pytest.mark.parametrize("kwargs,name", [
     (dict(window=0), "window"),
     (dict(window=10, min_history=11), "min_history"),

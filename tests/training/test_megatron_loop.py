@@ -201,18 +201,27 @@ def test_every_arch_trains_through_megatron_lm_at_pp2(arch_runs, arch, init):
 def test_moe_through_megatron_lm_at_alpha_zero(tmp_path):
     """MoE (--moe-layer-freq: layers 2, 4, 6, 8) through the real loop, world size 1, monitor on.
     At iteration 1 (t = 0, alpha = 0) a dense layer's gradient is exactly zero and an MoE layer's is
-    only its router's, from the load-balancing loss; from iteration 2 every layer learns."""
-    env = dict(os.environ, PYTHON=sys.executable, TP="1", PP="1", TRAIN_ITERS="3", SAVE_DIR=str(tmp_path / "ckpt"))
+    only its router's, from the load-balancing loss; from iteration 2 every layer learns.
+    ``--iterations-to-skip 3``: Megatron skips iteration 3 (no training_log); the monitor records it
+    as not trained and goes on, and iteration 4 runs at t = 3, Megatron's iteration count."""
+    env = dict(os.environ, PYTHON=sys.executable, TP="1", PP="1", TRAIN_ITERS="4", SAVE_DIR=str(tmp_path / "ckpt"))
     env["PRORES_ARGS"] = (f"--prores-schedule linear --prores-warmup-steps {T:g} --prores-monitor-interval 1 "
                           "--prores-spike-window 4 --prores-spike-min-history 2")
     env["EXTRA_ARGS"] = ("--num-experts 4 --moe-layer-freq ([0]+[1])*4 --moe-router-topk 2 --moe-ffn-hidden-size 64 "
-                         "--moe-aux-loss-coeff 0.01 --eval-interval 1000 --eval-iters 1 --save-interval 1000")
+                         "--moe-aux-loss-coeff 0.01 --eval-interval 1000 --eval-iters 1 --save-interval 1000 "
+                         "--iterations-to-skip 3")
     proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    layers = {r["iteration"]: r for r in read_jsonl(tmp_path / "ckpt" / "prores_monitor.jsonl") if r["kind"] == "layers"}
+    records = read_jsonl(tmp_path / "ckpt" / "prores_monitor.jsonl")
+    layers = {r["iteration"]: r for r in records if r["kind"] == "layers"}
+    assert sorted(layers) == [1, 2, 4]
     first = layers[1]
     assert first["alpha"] == [0.0] * L
     for l, g in enumerate(first["grad_norm"], start=1):
         assert (g > 0) == (l % 2 == 0), (l, first["grad_norm"])  # dense: 0; MoE: the router's
-    for iteration in (2, 3):
+    for iteration in (2, 4):
         assert all(g > 0 for g in layers[iteration]["grad_norm"]), iteration
+    assert layers[4]["alpha"] == hand_alpha(3)  # min(3 / l, 1): 1, 1, 1, 0.75, 0.6, 0.5, 3/7, 0.375
+    steps = {r["iteration"]: r for r in records if r["kind"] == "step"}
+    assert sorted(steps) == [1, 2, 3, 4] and steps[3]["not_trained"] and steps[3]["lm_loss"] is None
+    assert [r for r in records if r["kind"] == "spikes"]  # the monitor finished the run
