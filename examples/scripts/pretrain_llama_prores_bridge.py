@@ -1,12 +1,14 @@
 """Llama 3 8B pretraining with ProRes through Megatron-Bridge 0.6.2 (docs/bridge.md §4).
 
     torchrun --nproc_per_node 2 examples/scripts/pretrain_llama_prores_bridge.py \
-        --prores-schedule linear --prores-warmup-steps 1000 [--train-iters N] [--save DIR]
+        --prores-schedule linear --prores-warmup-steps 1000 [--train-iters N] [--save DIR] [--load DIR]
     python examples/scripts/pretrain_llama_prores_bridge.py --dry-run --num-layers 4   # CPU: settings only
 
 Bridge's own recipe (``llama3_8b_pretrain_config``: mock data, its parallelism and optimizer) is
 used unchanged; ProRes is two lines: ``prores_callback(cfg, ProResConfig(...))`` plugs the layer
-spec and its checkpoint metadata into ``cfg.model`` and returns the callback ``pretrain`` runs.
+spec and its checkpoint metadata into ``cfg.model``, names ProRes's checkpoint manager in
+``cfg.checkpoint`` (a resume is read under the checkpoint allow-list and compared with the saved
+ProRes settings) and returns the callback ``pretrain`` runs.
 ``--dry-run`` validates the ProRes settings against a Llama-shaped megatron-core config with the
 same checks as training and prints alpha at a few steps, without Bridge's recipes or a GPU.
 """
@@ -23,6 +25,7 @@ def parse():
     p.add_argument("--train-iters", type=int)
     p.add_argument("--num-layers", type=int, help="override the recipe's depth (a short smoke run)")
     p.add_argument("--save", help="checkpoint directory (cfg.checkpoint.save)")
+    p.add_argument("--load", help="checkpoint directory to resume from (cfg.checkpoint.load)")
     p.add_argument("--dry-run", action="store_true")
     return p.parse_args()
 
@@ -72,6 +75,8 @@ def main():
         cfg.train.train_iters = a.train_iters
     if a.save:
         cfg.checkpoint.save = a.save
+    if a.load:
+        cfg.checkpoint.load = a.load
     callback = prores_callback(cfg, prores_settings(a))
     pretrain(cfg, forward_step, callbacks=[callback])
 

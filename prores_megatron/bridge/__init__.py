@@ -20,6 +20,7 @@ _EXPORTS = {
     **{name: "checkpoint_metadata" for name in (
         "attach_prores", "prores_settings", "settings_from_run_config", "check_prores_spec", "restore_prores_spec",
         "ProResSpecLostError")},
+    **{name: "checkpoint_manager" for name in ("ProResCheckpointManager", "install_checkpoint_manager")},
     "saved_args": "export",
 }
 

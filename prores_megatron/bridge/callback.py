@@ -17,12 +17,14 @@ Contract (every rank runs every event; t = completed optimizer steps - ``start_s
 - ``on_eval_start`` / ``on_test_start``: alpha of the last completed step (t - 1), as Megatron-LM's
   evaluation during training has it (Bridge evaluates after the increment); ``on_train_end``: the
   spike scores are written.
-``prores_callback(cfg, prores)`` plugs ``prores`` into ``cfg.model`` (``attach_prores``) and returns
-the callback; it is the one call a recipe makes.
+``prores_callback(cfg, prores)`` plugs ``prores`` into ``cfg.model`` (``attach_prores``), names
+``ProResCheckpointManager`` in ``cfg.checkpoint`` (``install_checkpoint_manager``) and returns the
+callback; it is the one call a recipe makes.
 """
 
 from ..core.schedules import prores_step
 from ..core.stepping import set_prores_step
+from .checkpoint_manager import install_checkpoint_manager
 from .checkpoint_metadata import attach_prores, check_prores_spec
 from .compat import Callback, completed_steps
 
@@ -87,6 +89,7 @@ class ProResCallback(Callback):
 def prores_callback(cfg, prores) -> ProResCallback:
     """Plug ``prores`` (a ``ProResConfig``) into Bridge's ``cfg`` (a ConfigContainer); the callback."""
     args = attach_prores(cfg.model, prores, train_iters=_get(cfg, "train.train_iters"))
+    install_checkpoint_manager(cfg)
     args.save = _get(cfg, "checkpoint.save")
     args.tensorboard_dir = _get(cfg, "logger.tensorboard_dir")
     args.use_distributed_optimizer = bool(_get(cfg, "optimizer.use_distributed_optimizer", False))

@@ -15,7 +15,14 @@ Contract:
 - ``completed_steps(state)``: ``state.train_state.step``, optimizer steps done before the step
   about to run (``on_train_step_start``) and still before it in ``on_train_step_end`` (0.6.2's
   ``train()`` increments it after that event), including it in ``on_eval_start``;
-- the layout of a Bridge ``iter_*`` directory: ``RUN_CONFIG`` and ``model_section(run_config)``.
+- the layout of a Bridge ``iter_*`` directory: ``RUN_CONFIG`` and ``model_section(run_config)``;
+- checkpointing: ``cfg.checkpoint.custom_manager_class`` (``MANAGER_FIELD``, a dotted class name that
+  ``run_config.yaml`` keeps, checked against the ``_target_`` allow-list) names the class Bridge's
+  ``setup()`` builds as ``cls(cfg.checkpoint)`` and calls ``load(ctx)`` (``ctx.state``, ``ctx.model``) /
+  ``save(ctx, callback_manager)`` / ``finalize_async_saves(state, blocking, terminate)`` on, reading
+  ``checkpointing_context``; ``default_checkpoint_manager(checkpoint_config)`` is Bridge's own
+  (its module needs modelopt: a GPU install); ``load_dir(checkpoint_config)`` is where Bridge's
+  ``load_checkpoint`` looks (``load``, else ``pretrained_checkpoint``) and whether that is a finetune;
 ``import megatron.bridge`` itself imports every model family (transformers <= 5.12.1, diffusers,
 modelopt, Transformer Engine ...); nothing here needs that: where it fails (a CPU-only install
 with ``--no-deps``), ``megatron.bridge`` is registered as a bare package and only the pure-Python
@@ -64,9 +71,12 @@ METADATA_KEY = "prores"  # our entry in GPTModelConfig.extra_checkpoint_metadata
 # so the exporter can tell SwiGLU from GeGLU.
 ACTIVATION_KEY = "prores_activation_func"
 
+MANAGER_FIELD = "custom_manager_class"  # on cfg.checkpoint
+
 __all__ = ["Callback", "CallbackContext", "CallbackManager", "register_target_prefix", "transformer_config",
            "stock_layer_spec", "add_pre_wrap_hook", "prores_metadata", "set_prores_metadata", "completed_steps",
-           "model_section", "RUN_CONFIG", "METADATA_KEY", "ACTIVATION_KEY", "BRIDGE_VERSION"]
+           "model_section", "default_checkpoint_manager", "load_dir", "RUN_CONFIG", "METADATA_KEY",
+           "ACTIVATION_KEY", "MANAGER_FIELD", "BRIDGE_VERSION"]
 
 
 def register_target_prefix(prefix: str) -> None:
@@ -132,3 +142,30 @@ def model_section(run_config: dict) -> dict:
     if isinstance(model.get("transformer"), dict):
         flat.update(model["transformer"])
     return flat
+
+
+def default_checkpoint_manager(checkpoint_config):
+    """Bridge's ``DefaultCheckpointManager(checkpoint_config)``, the one ``setup()`` builds when no
+    custom manager is named."""
+    try:
+        from megatron.bridge.training.checkpointing import DefaultCheckpointManager
+    except ImportError as err:
+        raise ImportError(
+            f"Megatron-Bridge's checkpointing module does not import here ({err}); it needs Bridge's full "
+            "install (modelopt, Transformer Engine), as Bridge's own training does (docs/bridge.md §2)") from err
+    return DefaultCheckpointManager(checkpoint_config)
+
+
+def load_dir(checkpoint_config):
+    """(directory, finetune): where 0.6.2's ``load_checkpoint`` reads, by the same rule (``load``
+    when it holds a checkpoint or nothing else is given, else ``pretrained_checkpoint``, which
+    is a finetune: iteration 0), before any of it is read. ``ckpt_step`` picks the iteration."""
+    from pathlib import Path
+
+    load = getattr(checkpoint_config, "load", None)
+    pretrained = getattr(checkpoint_config, "pretrained_checkpoint", None)
+    markers = ("latest_train_state.pt", "latest_checkpointed_iteration.txt", RUN_CONFIG)  # checkpoint_exists
+    has_resume = bool(load) and any((Path(load) / name).is_file() for name in markers)
+    if pretrained and not has_resume:
+        return pretrained, True
+    return load, bool(getattr(checkpoint_config, "finetune", False))

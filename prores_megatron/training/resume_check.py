@@ -7,7 +7,8 @@ returns None) and compares them with the run's: schedule (a checkpoint without P
 warning that names each old and new value and the alpha of the layer whose alpha jumps most (and of
 the deepest layer) at the resumed step, as the saved run would have had it and as this run will;
 switching ProRes on for a checkpoint trained without it also names ``--prores-start-step
-ITERATION``, which starts the warmup at the resume point. ``resume_check_hook(args)`` is the
+ITERATION``, which starts the warmup at the resume point (``settings_change`` is the same comparison
+for a checkpoint already read). ``resume_check_hook(args)`` is the
 post-wrap hook that prints it on global rank 0, once, before Megatron loads the checkpoint.
 
 ``vocab_padding_change(args, ckpt, vocab_size)``: Megatron pads the vocabulary to a multiple of
@@ -55,10 +56,17 @@ def resume_changes(args):
     ckpt = _resumed_checkpoint(args)
     if ckpt is None:
         return None
-    old, new = _settings(ckpt.args), _settings(args)
+    return settings_change(ckpt.args, ckpt.iteration, ckpt.directory, args)
+
+
+def settings_change(saved_args, saved_iteration, directory, args):
+    """``resume_changes`` for a checkpoint already read: its arguments (``prores_*`` names), the
+    iteration it holds and its directory; ``args`` is the resuming run's (``num_layers``,
+    ``prores_*``, ``finetune``). The Megatron-Bridge checkpoint manager calls it too."""
+    old, new = _settings(saved_args), _settings(args)
     if old == new:
         return None
-    iteration = 0 if getattr(args, "finetune", False) else ckpt.iteration
+    iteration = 0 if getattr(args, "finetune", False) else int(saved_iteration)
     L = args.num_layers
     names = ("--prores-schedule", "--prores-warmup-steps", "--prores-arch", "--prores-start-step")
     changed = [f"{flag} {_fmt(a)} -> {_fmt(b)}" for flag, a, b in zip(names, old, new) if a != b]
@@ -68,7 +76,7 @@ def resume_changes(args):
     jumps = [f"layer {worst + 1}: alpha {before[worst]:.4g} -> {after[worst]:.4g}"]
     if worst != L - 1:
         jumps.append(f"deepest layer {L}: alpha {before[L - 1]:.4g} -> {after[L - 1]:.4g}")
-    text = (f"WARNING: ProRes settings differ from the checkpoint being resumed ({ckpt.directory}, "
+    text = (f"WARNING: ProRes settings differ from the checkpoint being resumed ({directory}, "
             f"iteration {iteration}): {'; '.join(changed)}. At the next step, {', '.join(jumps)} "
             "(the saved run's value -> this run's).")
     if old[0] == "none" and new[0] != "none" and new[3] == 0 and iteration > 0:

@@ -337,3 +337,254 @@ def test_export_refuses_a_megatron_lm_style_directory_without_run_config(tmp_pat
     (tmp_path / "iter_0000001" / ".metadata").write_bytes(b"")
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("1")
     assert main([str(tmp_path), str(tmp_path / "hf")]) == 2
+
+
+# ---- the checkpoint manager: Bridge's load under the allow-list, the spec and settings checks -----
+
+
+class ReplayedLoad:
+    """Bridge 0.6.2's DefaultCheckpointManager.load at world size 1, replayed (its module needs
+    modelopt): megatron-core's load_common_state_dict, then dist_checkpointing.load of the model's
+    sharded state dict, then load_state_dict (_load_global_dist_base_checkpoint, _load_model_state_dict)."""
+
+    checkpointing_context = {"marker": "bridge's"}
+
+    def __init__(self, directory):
+        self.directory, self.calls = directory, []
+
+    def load(self, ctx):
+        from megatron.core import dist_checkpointing
+
+        self.calls.append("load")
+        common = dist_checkpointing.load_common_state_dict(str(self.directory))
+        (model,) = ctx.model
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(self.directory))
+        model.load_state_dict(loaded["model"], strict=True)
+        return common["iteration"], 0
+
+    def save(self, ctx, callback_manager):
+        self.calls.append("save")
+
+    def finalize_async_saves(self, state, blocking=False, terminate=False):
+        self.calls.append(("finalize", blocking, terminate))
+
+
+def load_context(cfg, model):
+    return types.SimpleNamespace(state=types.SimpleNamespace(cfg=types.SimpleNamespace(model=cfg)), model=[model])
+
+
+def saved_prores_checkpoint(tmp_path, iteration=3):
+    from prores_megatron.bridge import ProResConfig, attach_prores
+
+    cfg = model_config()
+    attach_prores(cfg, ProResConfig(schedule="linear", warmup_steps=T))
+    model = build(cfg, seed=3)
+    it_dir = save_bridge_checkpoint(model, cfg, tmp_path / "save", iteration)
+    return cfg, model, it_dir
+
+
+def test_checkpoint_manager_loads_bridge_checkpoints_under_the_allow_list(tmp_path):
+    from checkpoint.test_safe_unpickling import poison_metadata
+
+    from prores_megatron.bridge import ProResCheckpointManager
+    from prores_megatron.checkpoint import UnsafePickleError
+    from prores_megatron.core import set_prores_step
+
+    cfg, saved, it_dir = saved_prores_checkpoint(tmp_path)
+    checkpoint_config = types.SimpleNamespace(load=str(tmp_path / "save"), pretrained_checkpoint=None, ckpt_step=None)
+    fresh = build(cfg, seed=11)
+    manager = ProResCheckpointManager(checkpoint_config, inner=ReplayedLoad(it_dir))
+    assert manager.checkpointing_context == {"marker": "bridge's"}  # setup() reads Bridge's own context
+    assert manager.load(load_context(cfg, fresh)) == (3, 0)
+    for model in (saved, fresh):
+        model.eval()
+        set_prores_step(model, 3)
+    with torch.no_grad():
+        assert torch.equal(forward(fresh, tokens()), forward(saved, tokens()))  # the real weights came through
+
+    marker = tmp_path / "marker"
+    poison_metadata(it_dir, marker)
+    with pytest.raises(UnsafePickleError, match="posix.system|os.system") as err:
+        manager.load(load_context(cfg, build(cfg)))
+    assert str(it_dir / ".metadata") in str(err.value) and not marker.exists()
+    ReplayedLoad(it_dir).load(load_context(cfg, build(cfg)))  # control: Bridge's load steps alone
+    assert marker.exists()  # ran the payload
+    manager.save(load_context(cfg, fresh), None)
+    manager.finalize_async_saves("state", blocking=True)
+    assert manager.inner.calls[-2:] == ["save", ("finalize", True, False)]
+
+
+def test_checkpoint_manager_refuses_a_lost_spec_before_reading_anything(tmp_path):
+    from megatron.training.models.gpt import GPTModelConfig
+
+    from prores_megatron.bridge import ProResCheckpointManager, ProResSpecLostError
+
+    cfg, _, it_dir = saved_prores_checkpoint(tmp_path)
+    back = roundtrip(run_container("RunLost", GPTModelConfig)(model=cfg), tmp_path / "reloaded.yaml").model
+    assert back.transformer_layer_spec is None  # what a reloaded run_config.yaml gives
+    inner = ReplayedLoad(it_dir)
+    manager = ProResCheckpointManager(types.SimpleNamespace(load=str(tmp_path / "save")), inner=inner)
+    vanilla = build(back)  # Bridge built the stock model from the reloaded config
+    for call in (lambda: manager.load(load_context(back, vanilla)), lambda: manager.save(load_context(back, vanilla))):
+        with pytest.raises(ProResSpecLostError, match="restore_prores_spec"):
+            call()
+    assert inner.calls == []  # refused before Bridge read or wrote anything
+
+
+def test_checkpoint_manager_says_how_far_alpha_jumps_when_settings_change(tmp_path, capsys):
+    from prores_megatron.bridge import ProResCheckpointManager, ProResConfig, attach_prores
+
+    cfg, _, it_dir = saved_prores_checkpoint(tmp_path)  # linear, T = 2, saved after 3 steps
+    save = str(tmp_path / "save")
+
+    def resume(run_cfg, **checkpoint):
+        config = types.SimpleNamespace(load=save, pretrained_checkpoint=None, ckpt_step=None, finetune=False)
+        vars(config).update(checkpoint)
+        ProResCheckpointManager(config, inner=ReplayedLoad(it_dir)).load(load_context(run_cfg, build(run_cfg)))
+        return capsys.readouterr().out
+
+    assert "WARNING" not in resume(cfg)  # the same settings: nothing to say
+    vanilla = resume(model_config())
+    # By hand, at t = 3: the checkpoint's alpha is [1, 3/4, 1/2]; without ProRes every alpha is 1.
+    assert "--prores-schedule linear -> none" in vanilla and "layer 3: alpha 0.5 -> 1" in vanilla
+    assert str(it_dir) in vanilla and "iteration 3" in vanilla
+    other = model_config()
+    attach_prores(other, ProResConfig(schedule="linear", warmup_steps=4))
+    # T = 4 at t = 3: layer 1 0.75, layer 2 0.375, layer 3 0.25; the largest jump is layer 2 (0.75 -> 0.375).
+    text = resume(other)
+    assert "--prores-warmup-steps 2 -> 4" in text and "layer 2: alpha 0.75 -> 0.375" in text
+    assert "deepest layer 3: alpha 0.5 -> 0.25" in text
+    # A finetune from pretrained_checkpoint starts at iteration 0: alpha(l, 0) is 0 under both.
+    finetune = resume(other, load=str(tmp_path / "nothing"), pretrained_checkpoint=save)
+    assert "--prores-warmup-steps 2 -> 4" in finetune and "iteration 0" in finetune
+
+
+@dataclass
+class CheckpointSection:  # the fields of Bridge's CheckpointConfig (its module needs TE) read here
+    save: Optional[str] = None
+    load: Optional[str] = None
+    custom_manager_class: Optional[str] = None
+
+
+def test_prores_callback_names_the_manager_and_yaml_keeps_it(tmp_path):
+    from megatron.training.models.gpt import GPTModelConfig
+
+    from prores_megatron.bridge import ProResConfig, prores_callback
+    from prores_megatron.bridge.checkpoint_manager import MANAGER
+
+    Run = run_container("RunWithCheckpoint", GPTModelConfig, checkpoint=field(default_factory=CheckpointSection))
+    run = Run(model=model_config())
+    prores_callback(run, ProResConfig(schedule="linear", warmup_steps=T))
+    assert run.checkpoint.custom_manager_class == MANAGER == (
+        "prores_megatron.bridge.checkpoint_manager.ProResCheckpointManager")
+    back = roundtrip(run, tmp_path / "run_config.yaml")
+    assert back.checkpoint.custom_manager_class == MANAGER  # a string: the reload keeps it
+    module, name = MANAGER.rsplit(".", 1)
+    import importlib
+
+    assert getattr(importlib.import_module(module), name).__name__ == "ProResCheckpointManager"
+
+    theirs = Run(model=model_config(), checkpoint=CheckpointSection(custom_manager_class="my.Manager"))
+    with pytest.warns(UserWarning, match="custom_manager_class is 'my.Manager': kept"):
+        prores_callback(theirs, ProResConfig(schedule="linear", warmup_steps=T))
+    assert theirs.checkpoint.custom_manager_class == "my.Manager"
+
+
+def test_checkpoint_manager_has_every_member_of_bridges_protocol():
+    """Bridge checks ``isinstance(manager, CheckpointManager)`` (a runtime Protocol) and calls its
+    methods by keyword; its module does not import here, so its source is read."""
+    import ast
+    import importlib.util
+    import inspect
+    from pathlib import Path
+
+    from prores_megatron.bridge import ProResCheckpointManager
+
+    source = Path(importlib.util.find_spec("megatron.bridge").submodule_search_locations[0]) / "training" / "checkpointing.py"
+    (protocol,) = [n for n in ast.parse(source.read_text()).body
+                   if isinstance(n, ast.ClassDef) and n.name == "CheckpointManager"]
+    members = {n.name: [a.arg for a in n.args.args] for n in protocol.body if isinstance(n, ast.FunctionDef)}
+    assert {"load", "save", "finalize_async_saves"} <= set(members)
+    for name, params in members.items():
+        ours = list(inspect.signature(getattr(ProResCheckpointManager, name)).parameters)
+        assert ours[:len(params)] == params, (name, ours, params)
+
+
+def test_example_recipe_dry_run_validates_and_prints_alpha(monkeypatch, capsys):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from prores_megatron.training import ProResArgumentError
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "scripts" / "pretrain_llama_prores_bridge.py"
+    spec = importlib.util.spec_from_file_location("pretrain_llama_prores_bridge", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.setattr(sys, "argv", [str(path), "--dry-run", "--num-layers", "4", "--prores-warmup-steps", "2"])
+    example.main()
+    out = capsys.readouterr().out
+    # min(t / (2 l), 1) for l = 1..4, by hand: t = 2 -> 1, 1/2, 1/3, 1/4; t = 8 = T*L -> all 1.
+    assert "alpha at t=0: 0 0 0 0\n" in out and "alpha at t=2: 1 0.5 0.333 0.25\n" in out
+    assert "alpha at t=8: 1 1 1 1\n" in out and "ProResLayerSpec(schedule='linear', warmup_steps=2.0" in out
+    monkeypatch.setattr(sys, "argv", [str(path), "--dry-run", "--num-layers", "4", "--prores-arch", "bogus"])
+    with pytest.raises(ProResArgumentError, match="--prores-arch"):
+        example.main()
+
+
+def test_an_iteration_bridge_skips_leaves_the_monitor_running(tmp_path):
+    """``cfg.train.iterations_to_skip``: Bridge 0.6.2's train() then does step += 1 with no callback
+    event. The monitor records the gap as not trained (no spike) and goes on; alpha keeps following
+    Bridge's step counter, skipped iterations included (docs/usage.md)."""
+    from megatron.bridge.training.callbacks import CallbackContext, CallbackManager
+
+    from prores_megatron.analysis.report_command import score
+    from prores_megatron.bridge import ProResCallback, ProResConfig, attach_prores
+    from prores_megatron.monitoring.run_logs import load_run
+    from prores_megatron.monitoring.spike_score import SpikeConfig
+
+    cfg, skip, iters = model_config(), 5, 10
+    prores = ProResConfig(schedule="linear", warmup_steps=T, monitor_interval=4, spike_window=4, spike_min_history=2,
+                          monitor_file=str(tmp_path / "monitor.jsonl"))
+    args = attach_prores(cfg, prores, train_iters=iters)
+    args.save = args.tensorboard_dir = None
+    args.use_distributed_optimizer = args.sequence_parallel = False
+    model = build(cfg)
+    model.config.finalize_model_grads_func = lambda chunks: None
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    manager = CallbackManager()
+    manager.add(ProResCallback(args))
+    state = bridge_state(cfg)
+    context = lambda **kw: CallbackContext(state=state, model=[model], user_state=manager.user_state,  # noqa: E731
+                                           optimizer=optimizer, **kw)
+    manager.fire("on_train_start", context())
+    seen = {}
+    while state.train_state.step < iters:
+        if state.train_state.step + 1 == skip:  # _should_skip_and_handle_iteration
+            state.train_state.step += 1
+            continue
+        manager.fire("on_train_step_start", context())
+        seen[state.train_state.step] = alphas(model)
+        optimizer.zero_grad()
+        loss = forward(model, tokens()).float().logsumexp(-1).mean()
+        loss.backward()
+        model.config.finalize_model_grads_func([model])
+        optimizer.step()
+        manager.fire("on_train_step_end", context(loss_dict={"lm loss": loss.detach()}, grad_norm=1.0,
+                                                   skipped_iter=False))
+        state.train_state.step += 1
+    assert sorted(seen) == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    assert seen[5] == pytest.approx([1, 1, 5 / 6], abs=1e-7)  # t = 5 after the skip: min(5 / (2 l), 1)
+    records = [json.loads(line) for line in (tmp_path / "monitor.jsonl").read_text().splitlines()]
+    steps = {r["iteration"]: r for r in records if r["kind"] == "step"}
+    assert sorted(steps) == list(range(1, iters + 1))
+    assert steps[skip]["not_trained"] is True and steps[skip]["lm_loss"] is None
+    assert not any(steps[i].get("not_trained") for i in steps if i != skip)
+    # By hand (N = 10, candidates 1..9, min history 2): t = 1, 2 lack history, 5 was not trained,
+    # 3, 4, 6, 7, 8, 9 are judged.
+    (spikes,) = [r for r in records if r["kind"] == "spikes"]
+    assert spikes["evaluated_steps"] == 6 and skip not in spikes["loss_spike_iterations"]
+    run = load_run("bridge", [tmp_path / "monitor.jsonl"])
+    assert run.not_trained == {skip}
+    result, reason = score(run.steps["lm_loss"], SpikeConfig(window=4, min_history=2), run.not_trained)
+    assert reason is None and result.evaluated == 6 and skip not in result.spike_iterations
