@@ -40,8 +40,22 @@ def png_size(path: Path):
 
 
 def cli(*argv):
+    """The command line as a user runs it (a fresh process): ``report`` here, which imports no Megatron."""
     return subprocess.run([sys.executable, "-m", "prores_megatron.analysis.cli", *map(str, argv)],
                           capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def cli_here(*argv):
+    """``main(argv)`` in this process, its output captured: ``cosine`` builds a megatron-core model,
+    whose imports would cost a fresh process about 12 s (init_world1 reuses this process's group)."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +289,7 @@ def test_token_cosine_and_norm_by_hand():
 
 def test_cosine_on_a_real_run(tiny_run, tmp_path):
     out = tmp_path / "cosine"
-    proc = cli("cosine", "--checkpoints", tiny_run / "ckpt", "--out", out, "--batch-size", "2", "--seq-length", "32")
+    proc = cli_here("cosine", "--checkpoints", tiny_run / "ckpt", "--out", out, "--batch-size", "2", "--seq-length", "32")
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "cosine.csv") as f:
         rows = list(csv.reader(f))
@@ -293,7 +307,7 @@ def test_cosine_on_a_real_run(tiny_run, tmp_path):
     assert png_size(out / "cosine.png") == WIDE
     assert png_size(out / "activation_norm_checkpoints.png") == panels(1)
     # A checkpoint that is not there is refused by name.
-    proc = cli("cosine", "--checkpoints", tiny_run / "ckpt", "--out", out, "--iterations", "4,6")
+    proc = cli_here("cosine", "--checkpoints", tiny_run / "ckpt", "--out", out, "--iterations", "4,6")
     assert proc.returncode == 2 and "--iterations: no complete checkpoint for 6" in proc.stderr
 
 
@@ -309,7 +323,7 @@ def test_cosine_skips_interrupted_saves_with_a_note(tiny_run, tmp_path):
     (save / "iter_0000016" / ".metadata").unlink()
     next((save / "iter_0000008").glob("*.distcp")).unlink()
     out = tmp_path / "cosine"
-    proc = cli("cosine", "--checkpoints", save, "--out", out, "--batch-size", "2", "--seq-length", "32")
+    proc = cli_here("cosine", "--checkpoints", save, "--out", out, "--batch-size", "2", "--seq-length", "32")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"note: skipping {save / 'iter_0000016'}: newer than latest_checkpointed_iteration.txt (12)" in proc.stderr
     assert f"note: skipping {save / 'iter_0000008'}: incomplete or unreadable" in proc.stderr

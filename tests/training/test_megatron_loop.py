@@ -1,13 +1,16 @@
 """End to end through Megatron-LM's real pretrain() loop on CPU: stop mid-warmup, resume, compare.
 
 For world size 1, TP2 and PP2 the tiny CPU script runs 6 steps straight, and again as 3 steps +
-resume to 6. Loss, grad norm and alpha per layer (read back from Megatron's TensorBoard events, at
-full precision) must be bit-identical, alpha must equal the schedule at t = iteration - 1, and the
-log must carry the alpha lines and the coverage check.
+resume to 6 (world size 1: stopped by --exit-interval 3; TP2 and PP2: resumed from the straight
+run's own checkpoint at 3, one launch fewer each). Loss, grad norm and alpha per layer (read back
+from Megatron's TensorBoard events, at full precision) must be bit-identical, alpha must equal the
+schedule at t = iteration - 1, and the log must carry the alpha lines and the coverage check.
 """
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -55,32 +58,77 @@ def scalars(tb_dir: Path):
 
 
 def read_jsonl(path):
-    import json
-
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.fixture(scope="module", params=[(1, 1), (2, 1), (1, 2)], ids=["ws1", "tp2", "pp2"])
-def runs(request, tmp_path_factory):
-    tp, pp = request.param
-    tmp = tmp_path_factory.mktemp(f"loop_tp{tp}_pp{pp}")
-    # The straight run is independent of the split one: side by side (a 2-rank run leaves its cores
-    # idle while ranks wait on each other), which cuts the fixture's wall time by about a third.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        straight = pool.submit(launch, tmp, "straight", tp, pp, tmp / "ckpt_straight")
-        first_log = launch(tmp, "first", tp, pp, tmp / "ckpt_split", exit_interval=STOP)
-        resumed_log = launch(tmp, "resumed", tp, pp, tmp / "ckpt_split")
-        straight_log = straight.result()
+LAYOUTS = {"ws1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
+
+
+def _stopped_copy(straight: Path, split: Path):
+    """What a run stopped after STOP leaves, from the straight run (which saved at STOP too): its
+    checkpoints up to STOP, the tracker at STOP, the monitor records of iterations up to STOP."""
+    shutil.copytree(straight, split, ignore=lambda d, names: [n for n in names if n.startswith("iter_")
+                                                                and int(n[5:]) > STOP])
+    (split / "latest_checkpointed_iteration.txt").write_text(str(STOP))
+    kept = [r for r in read_jsonl(straight / "prores_monitor.jsonl")
+            if r["kind"] == "run" or (r["kind"] in ("step", "layers") and r["iteration"] <= STOP)]
+    (split / "prores_monitor.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _resume_chain(tmp: Path, tp: int, pp: int, stop_by_exit: bool):
+    """The split run: stopped by --exit-interval STOP then resumed (world size 1, Megatron's own stop),
+    or resumed from the straight run's checkpoint at STOP (TP2, PP2: one launch fewer each)."""
+    if stop_by_exit:
+        first = launch(tmp, "first", tp, pp, tmp / "ckpt_split", exit_interval=STOP)
+        return first, launch(tmp, "resumed", tp, pp, tmp / "ckpt_split")
+    straight = launch(tmp, "straight", tp, pp, tmp / "ckpt_straight", extra=f"--save-interval {STOP}")
+    _stopped_copy(tmp / "ckpt_straight", tmp / "ckpt_split")
+    return straight, launch(tmp, "resumed", tp, pp, tmp / "ckpt_split")
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    """Every training of this module's fixtures in one pool, two at a time, longest chains first
+    (on 2 cores the launches are CPU-bound start-up; packing them saves idle time between fixtures)."""
+    tmps = {name: tmp_path_factory.mktemp(f"loop_{name}") for name in LAYOUTS}
+    dirs = {arch: tmp_path_factory.mktemp(f"arch_{arch}") for arch, _ in ARCH_INIT}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        chains = {name: pool.submit(_resume_chain, tmps[name], *LAYOUTS[name], name == "ws1")
+                  for name in ("tp2", "pp2", "ws1")}
+        ws1_straight = pool.submit(launch, tmps["ws1"], "straight", 1, 1, tmps["ws1"] / "ckpt_straight")
+        archs = {arch: pool.submit(_train_arch, dirs[arch], arch, init) for arch, init in ARCH_INIT}
+        moe_dir = tmp_path_factory.mktemp("moe")
+        moe = pool.submit(_train_moe, moe_dir)
+        resume = {}
+        for name, chain in chains.items():
+            first, resumed = chain.result()
+            if name == "ws1":
+                resume[name] = dict(straight=ws1_straight.result(), first=first, resumed=resumed)
+            else:  # the straight run was the chain's first launch
+                resume[name] = dict(straight=first, first=None, resumed=resumed)
+        return dict(tmp=tmps, resume=resume, arch={arch: (dirs[arch], archs[arch].result()) for arch in dirs},
+                    moe=(moe_dir, moe.result()))
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def runs(request, launches):
+    name = request.param
+    tmp, logs = launches["tmp"][name], launches["resume"][name]
+    straight = scalars(tmp / "tb_straight")
     merged = {}
-    for part in ("tb_first", "tb_resumed"):
-        for tag, values in scalars(tmp / part).items():
+    if logs["first"] is not None:
+        parts = [scalars(tmp / "tb_first")]
+    else:
+        parts = [{tag: {i: v for i, v in values.items() if i <= STOP} for tag, values in straight.items()}]
+    for part in parts + [scalars(tmp / "tb_resumed")]:
+        for tag, values in part.items():
             merged.setdefault(tag, {}).update(values)
     return dict(
         monitor_straight=read_jsonl(tmp / "ckpt_straight" / "prores_monitor.jsonl"),
         monitor_split=read_jsonl(tmp / "ckpt_split" / "prores_monitor.jsonl"),
-        straight=scalars(tmp / "tb_straight"),
+        straight=straight,
         split=merged,
-        logs=(straight_log, first_log, resumed_log),
+        logs=logs,
         tmp=tmp,
     )
 
@@ -108,8 +156,8 @@ def test_alpha_in_tensorboard_follows_the_schedule(runs):
 
 
 def test_training_log_has_alpha_and_coverage(runs):
-    straight_log, first_log, resumed_log = runs["logs"]
-    for log in runs["logs"]:
+    straight_log, resumed_log = runs["logs"]["straight"], runs["logs"]["resumed"]
+    for log in filter(None, runs["logs"].values()):
         assert f"ProRes coverage check passed: global layers 1..{L} each built once" in log
     lines = re.findall(r"\[ProRes\] iteration\s+(\d+) \| (?:first step of this launch: [^|]*\| )?step t=(\d+) "
                        r".*alpha per layer: (.*)", straight_log)
@@ -167,26 +215,19 @@ ARCH_INIT = [("pre", "ds"), ("post", "plain"), ("sandwich", "scaled"), ("deepnor
 
 
 def _train_arch(tmp: Path, arch: str, init: str):
-    env = dict(os.environ, PYTHON=sys.executable, TP="1", PP="2", TRAIN_ITERS="8", SAVE_DIR=str(tmp / "ckpt"),
+    # World size 1: pipeline and tensor splits of every architecture are the cross-layout oracle's
+    # (bit for bit against world size 1, tests/end_to_end); the PP=2 loop is the resume fixture's.
+    env = dict(os.environ, PYTHON=sys.executable, TP="1", PP="1", TRAIN_ITERS="8", SAVE_DIR=str(tmp / "ckpt"),
                MASTER_PORT=str(free_port()))
     env["PRORES_ARGS"] = f"--prores-schedule linear --prores-warmup-steps 0.5 --prores-arch {arch} --prores-init {init}"
     env["EXTRA_ARGS"] = f"--tensorboard-dir {tmp / 'tb'} --eval-interval 1000 --eval-iters 1 --save-interval 8"
     return subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def arch_runs(tmp_path_factory):
-    """The five PP=2 trainings, two at a time (see ``runs``); {arch: (run folder, process)}."""
-    dirs = {arch: tmp_path_factory.mktemp(f"arch_{arch}") for arch, _ in ARCH_INIT}
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        procs = {arch: pool.submit(_train_arch, dirs[arch], arch, init) for arch, init in ARCH_INIT}
-        return {arch: (dirs[arch], procs[arch].result()) for arch in dirs}
-
-
 @pytest.mark.parametrize("arch,init", ARCH_INIT, ids=[a for a, _ in ARCH_INIT])
-def test_every_arch_trains_through_megatron_lm_at_pp2(arch_runs, arch, init):
-    """Each residual architecture (with one of the inits) through the real loop at PP=2."""
-    tmp_path, proc = arch_runs[arch]
+def test_every_arch_trains_through_megatron_lm(launches, arch, init):
+    """Each residual architecture (with one of the inits) through the real loop, and its torch_dist save."""
+    tmp_path, proc = launches["arch"][arch]
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert f"ProRes: arch {arch}, init {init}" in log
@@ -198,19 +239,23 @@ def test_every_arch_trains_through_megatron_lm_at_pp2(arch_runs, arch, init):
     assert (tmp_path / "ckpt" / "iter_0000008").is_dir()  # torch_dist save of the arch's modules
 
 
-def test_moe_through_megatron_lm_at_alpha_zero(tmp_path):
-    """MoE (--moe-layer-freq: layers 2, 4, 6, 8) through the real loop, world size 1, monitor on.
-    At iteration 1 (t = 0, alpha = 0) a dense layer's gradient is exactly zero and an MoE layer's is
-    only its router's, from the load-balancing loss; from iteration 2 every layer learns.
-    ``--iterations-to-skip 3``: Megatron skips iteration 3 (no training_log); the monitor records it
-    as not trained and goes on, and iteration 4 runs at t = 3, Megatron's iteration count."""
+def _train_moe(tmp_path: Path):
     env = dict(os.environ, PYTHON=sys.executable, TP="1", PP="1", TRAIN_ITERS="4", SAVE_DIR=str(tmp_path / "ckpt"))
     env["PRORES_ARGS"] = (f"--prores-schedule linear --prores-warmup-steps {T:g} --prores-monitor-interval 1 "
                           "--prores-spike-window 4 --prores-spike-min-history 2")
     env["EXTRA_ARGS"] = ("--num-experts 4 --moe-layer-freq ([0]+[1])*4 --moe-router-topk 2 --moe-ffn-hidden-size 64 "
                          "--moe-aux-loss-coeff 0.01 --eval-interval 1000 --eval-iters 1 --save-interval 1000 "
                          "--iterations-to-skip 3")
-    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_moe_through_megatron_lm_at_alpha_zero(launches):
+    """MoE (--moe-layer-freq: layers 2, 4, 6, 8) through the real loop, world size 1, monitor on.
+    At iteration 1 (t = 0, alpha = 0) a dense layer's gradient is exactly zero and an MoE layer's is
+    only its router's, from the load-balancing loss; from iteration 2 every layer learns.
+    ``--iterations-to-skip 3``: Megatron skips iteration 3 (no training_log); the monitor records it
+    as not trained and goes on, and iteration 4 runs at t = 3, Megatron's iteration count."""
+    tmp_path, proc = launches["moe"]
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     records = read_jsonl(tmp_path / "ckpt" / "prores_monitor.jsonl")
     layers = {r["iteration"]: r for r in records if r["kind"] == "layers"}
