@@ -588,3 +588,17 @@ def test_an_iteration_bridge_skips_leaves_the_monitor_running(tmp_path):
     assert run.not_trained == {skip}
     result, reason = score(run.steps["lm_loss"], SpikeConfig(window=4, min_history=2), run.not_trained)
     assert reason is None and result.evaluated == 6 and skip not in result.spike_iterations
+
+
+def test_without_bridge_the_import_names_the_install(monkeypatch):
+    """No Megatron-Bridge: ``import prores_megatron.bridge`` fails at once, naming what to install.
+    ``sys.modules[name] = None`` is how Python marks a module as absent (find_spec returns None)."""
+    import importlib
+    import sys
+
+    for name in [n for n in sys.modules if n.startswith(("prores_megatron.bridge", "megatron.bridge"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "megatron.bridge", None)
+    monkeypatch.delattr(importlib.import_module("prores_megatron"), "bridge", raising=False)
+    with pytest.raises(ImportError, match=r"pip install megatron-bridge==0\.6\.2"):
+        importlib.import_module("prores_megatron.bridge")
