@@ -3,7 +3,8 @@
 Bridge builds the class named by ``cfg.checkpoint.custom_manager_class`` and calls it for every
 load and save. ``install_checkpoint_manager(cfg)`` (called by ``prores_callback``) names this one
 there: a string, so a reloaded ``run_config.yaml`` keeps it; a manager the user named already is
-kept, with a warning that says what is then not guarded. It delegates to Bridge's own ``DefaultCheckpointManager`` and adds, in order:
+kept, with a warning that says what is then not guarded. It delegates to Bridge's own
+``DefaultCheckpointManager`` and adds, in order:
 
 - ``load(ctx)``: (1) ``check_prores_spec(cfg.model)`` on every rank: a config that records ProRes
   but lost its spec (a reloaded ``GPTModelConfig``) is refused with ``ProResSpecLostError`` before
@@ -28,9 +29,7 @@ from ..checkpoint.base import TRACKER, CheckpointError, resolve_iteration_dir, s
 from ..checkpoint.safe_unpickle import restricted_dcp_loading
 from ..training.resume_check import settings_change
 from .checkpoint_metadata import check_prores_spec
-from .compat import MANAGER_FIELD, RUN_CONFIG, default_checkpoint_manager, load_dir, transformer_config
-
-BRIDGE_TRACKER = "latest_train_state.pt"  # Bridge's tracker: TrainState.state_dict(), tensors only
+from .compat import BRIDGE_TRACKER, MANAGER_FIELD, RUN_CONFIG, default_checkpoint_manager, load_dir, transformer_config
 
 
 def _rank0() -> bool:
@@ -65,13 +64,13 @@ def resumed_iteration_dir(directory, ckpt_step=None):
     return (it_dir, _iteration_of(it_dir)) if (it_dir / RUN_CONFIG).is_file() else None
 
 
-def resume_warning(model_cfg, checkpoint_config):
-    """The warning for resuming with other ProRes settings than the checkpoint's, or None."""
+def resume_warning(model_cfg, directory, finetune, ckpt_step=None):
+    """The warning for resuming ``directory`` (``compat.load_dir``) with other ProRes settings than
+    the checkpoint's, or None."""
     from .checkpoint_metadata import prores_settings
     from .export import saved_args
 
-    directory, finetune = load_dir(checkpoint_config)
-    found = resumed_iteration_dir(directory, getattr(checkpoint_config, "ckpt_step", None))
+    found = resumed_iteration_dir(directory, ckpt_step)
     if found is None:
         return None
     it_dir, iteration = found
@@ -94,14 +93,15 @@ class ProResCheckpointManager:
     def load(self, ctx):
         model_cfg = ctx.state.cfg.model
         check_prores_spec(model_cfg)
+        directory, finetune = load_dir(self.checkpoint_config)
         if _rank0():
             try:
-                message = resume_warning(model_cfg, self.checkpoint_config)
+                message = resume_warning(model_cfg, directory, finetune,
+                                         getattr(self.checkpoint_config, "ckpt_step", None))
             except CheckpointError as err:  # Bridge's own load reports an unreadable checkpoint
                 message = f"WARNING: ProRes could not compare its settings with the checkpoint's ({err})"
             if message:
                 print(message, flush=True)
-        directory, _ = load_dir(self.checkpoint_config)
         with restricted_dcp_loading(f"the checkpoint Megatron-Bridge loads ({directory or 'no path'})"):
             return self.inner.load(ctx)
 

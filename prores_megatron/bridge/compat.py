@@ -72,11 +72,12 @@ METADATA_KEY = "prores"  # our entry in GPTModelConfig.extra_checkpoint_metadata
 ACTIVATION_KEY = "prores_activation_func"
 
 MANAGER_FIELD = "custom_manager_class"  # on cfg.checkpoint
+BRIDGE_TRACKER = "latest_train_state.pt"  # Bridge's tracker (TrainState.state_dict(): tensors only)
 
 __all__ = ["Callback", "CallbackContext", "CallbackManager", "register_target_prefix", "transformer_config",
            "stock_layer_spec", "add_pre_wrap_hook", "prores_metadata", "set_prores_metadata", "completed_steps",
            "model_section", "default_checkpoint_manager", "load_dir", "RUN_CONFIG", "METADATA_KEY",
-           "ACTIVATION_KEY", "MANAGER_FIELD", "BRIDGE_VERSION"]
+           "ACTIVATION_KEY", "MANAGER_FIELD", "BRIDGE_TRACKER", "BRIDGE_VERSION"]
 
 
 def register_target_prefix(prefix: str) -> None:
@@ -162,9 +163,11 @@ def load_dir(checkpoint_config):
     is a finetune: iteration 0), before any of it is read. ``ckpt_step`` picks the iteration."""
     from pathlib import Path
 
+    from ..checkpoint.base import TRACKER
+
     load = getattr(checkpoint_config, "load", None)
     pretrained = getattr(checkpoint_config, "pretrained_checkpoint", None)
-    markers = ("latest_train_state.pt", "latest_checkpointed_iteration.txt", RUN_CONFIG)  # checkpoint_exists
+    markers = (BRIDGE_TRACKER, TRACKER, RUN_CONFIG)  # what Bridge's checkpoint_exists looks for
     has_resume = bool(load) and any((Path(load) / name).is_file() for name in markers)
     if pretrained and not has_resume:
         return pretrained, True

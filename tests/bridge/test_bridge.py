@@ -109,17 +109,16 @@ def bridge_state(cfg):
     return state
 
 
-def test_callback_sets_alpha_each_step_through_bridge_callback_manager(tmp_path):
+def bridge_loop(cfg, args, iters, grad_norm, skip=()):
+    """Bridge 0.6.2's train() around ``ProResCallback(args)``, driven through its real CallbackManager
+    and CallbackContexts: on_train_start, then per iteration the start event, the step, the end event
+    and step += 1; an iteration in ``skip`` is _should_skip_and_handle_iteration's (step += 1, no event).
+    Returns the model, the state, ``fire(event)``, the alpha per layer seen at each step's start
+    event, the losses and the calls of the finalize function the monitor wraps."""
     from megatron.bridge.training.callbacks import CallbackContext, CallbackManager
 
-    from prores_megatron.bridge import ProResCallback, ProResConfig, attach_prores
+    from prores_megatron.bridge import ProResCallback
 
-    cfg = model_config()
-    prores = ProResConfig(schedule="linear", warmup_steps=T, monitor_interval=3,
-                          monitor_file=str(tmp_path / "monitor.jsonl"))
-    args = attach_prores(cfg, prores, train_iters=7)
-    args.save = args.tensorboard_dir = None
-    args.use_distributed_optimizer = args.sequence_parallel = False
     model = build(cfg)
     finalized = []
     model.config.finalize_model_grads_func = finalized.append  # Bridge's setup installs its own before train()
@@ -128,14 +127,18 @@ def test_callback_sets_alpha_each_step_through_bridge_callback_manager(tmp_path)
     manager.add(ProResCallback(args))
     state = bridge_state(cfg)
 
-    def context(**kw):
-        return CallbackContext(state=state, model=[model], user_state=manager.user_state, optimizer=optimizer, **kw)
+    def fire(event, **kw):
+        manager.fire(event, CallbackContext(state=state, model=[model], user_state=manager.user_state,
+                                            optimizer=optimizer, **kw))
 
-    manager.fire("on_train_start", context())
+    fire("on_train_start")
     seen, losses = {}, []
     toks = tokens()
-    while state.train_state.step < 7:  # Bridge 0.6.2's train(): start event, step, end event, then step += 1
-        manager.fire("on_train_step_start", context())
+    while state.train_state.step < iters:
+        if state.train_state.step + 1 in skip:
+            state.train_state.step += 1
+            continue
+        fire("on_train_step_start")
         seen[state.train_state.step] = alphas(model)
         optimizer.zero_grad()
         loss = forward(model, toks).float().logsumexp(-1).mean()
@@ -143,14 +146,27 @@ def test_callback_sets_alpha_each_step_through_bridge_callback_manager(tmp_path)
         model.config.finalize_model_grads_func([model])  # forward_backward_func ends with it; the monitor wraps it
         optimizer.step()
         losses.append(float(loss))
-        manager.fire("on_train_step_end", context(loss_dict={"lm loss": loss.detach()}, grad_norm=1.5,
-                                                   skipped_iter=False))
+        fire("on_train_step_end", loss_dict={"lm loss": loss.detach()}, grad_norm=grad_norm, skipped_iter=False)
         state.train_state.step += 1
+    return types.SimpleNamespace(model=model, state=state, fire=fire, seen=seen, losses=losses, finalized=finalized)
+
+
+def test_callback_sets_alpha_each_step_through_bridge_callback_manager(tmp_path):
+    from prores_megatron.bridge import ProResConfig, attach_prores
+
+    cfg = model_config()
+    prores = ProResConfig(schedule="linear", warmup_steps=T, monitor_interval=3,
+                          monitor_file=str(tmp_path / "monitor.jsonl"))
+    args = attach_prores(cfg, prores, train_iters=7)
+    args.save = args.tensorboard_dir = None
+    args.use_distributed_optimizer = args.sequence_parallel = False
+    run = bridge_loop(cfg, args, 7, grad_norm=1.5)
+    seen, losses, finalized, state, model = run.seen, run.losses, run.finalized, run.state, run.model
     for t, want in EXPECTED.items():
         assert seen[t] == pytest.approx(want, abs=1e-7), t
     assert len(finalized) == 7  # the monitor's wrapper calls the finalize function it found
     state.train_state.step = 4  # evaluation after 4 steps uses the alpha of the last one (t = 3)
-    manager.fire("on_eval_start", context())
+    run.fire("on_eval_start")
     assert alphas(model) == pytest.approx(EXPECTED[3], abs=1e-7)
     records = [json.loads(line) for line in (tmp_path / "monitor.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["kind"] == "step"]
@@ -536,10 +552,8 @@ def test_an_iteration_bridge_skips_leaves_the_monitor_running(tmp_path):
     """``cfg.train.iterations_to_skip``: Bridge 0.6.2's train() then does step += 1 with no callback
     event. The monitor records the gap as not trained (no spike) and goes on; alpha keeps following
     Bridge's step counter, skipped iterations included (docs/usage.md)."""
-    from megatron.bridge.training.callbacks import CallbackContext, CallbackManager
-
     from prores_megatron.analysis.report_command import score
-    from prores_megatron.bridge import ProResCallback, ProResConfig, attach_prores
+    from prores_megatron.bridge import ProResConfig, attach_prores
     from prores_megatron.monitoring.run_logs import load_run
     from prores_megatron.monitoring.spike_score import SpikeConfig
 
@@ -549,30 +563,7 @@ def test_an_iteration_bridge_skips_leaves_the_monitor_running(tmp_path):
     args = attach_prores(cfg, prores, train_iters=iters)
     args.save = args.tensorboard_dir = None
     args.use_distributed_optimizer = args.sequence_parallel = False
-    model = build(cfg)
-    model.config.finalize_model_grads_func = lambda chunks: None
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    manager = CallbackManager()
-    manager.add(ProResCallback(args))
-    state = bridge_state(cfg)
-    context = lambda **kw: CallbackContext(state=state, model=[model], user_state=manager.user_state,  # noqa: E731
-                                           optimizer=optimizer, **kw)
-    manager.fire("on_train_start", context())
-    seen = {}
-    while state.train_state.step < iters:
-        if state.train_state.step + 1 == skip:  # _should_skip_and_handle_iteration
-            state.train_state.step += 1
-            continue
-        manager.fire("on_train_step_start", context())
-        seen[state.train_state.step] = alphas(model)
-        optimizer.zero_grad()
-        loss = forward(model, tokens()).float().logsumexp(-1).mean()
-        loss.backward()
-        model.config.finalize_model_grads_func([model])
-        optimizer.step()
-        manager.fire("on_train_step_end", context(loss_dict={"lm loss": loss.detach()}, grad_norm=1.0,
-                                                   skipped_iter=False))
-        state.train_state.step += 1
+    seen = bridge_loop(cfg, args, iters, grad_norm=1.0, skip={skip}).seen
     assert sorted(seen) == [0, 1, 2, 3, 5, 6, 7, 8, 9]
     assert seen[5] == pytest.approx([1, 1, 5 / 6], abs=1e-7)  # t = 5 after the skip: min(5 / (2 l), 1)
     records = [json.loads(line) for line in (tmp_path / "monitor.jsonl").read_text().splitlines()]
