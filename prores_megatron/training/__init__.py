@@ -16,6 +16,7 @@ _EXPORTS = {
         "configure_model_config", "attach_monitor", "prores_layer_spec_fn", "current_prores_step")},
     **{name: "training_monitor" for name in ("AlphaLogger", "TrainingMonitor")},
     **{name: "cpu_shim" for name in ("install_cpu_shim", "is_cpu_shim_installed")},
+    "skip_helper_build_if_prebuilt": "dataset_helpers",
     **{name: "pipeline_layout" for name in (
         "PipelineLayoutError", "check_pipeline_flags", "layer_table", "check_layer_coverage")},
     "count_parameters": "param_count",

@@ -9,7 +9,7 @@ Contract
   megatron modules it patches itself.
 * ``install_cpu_shim(training=False)`` installs only the megatron-core part and never imports
   ``megatron.training`` (core-only loops, tests); a later default call adds the training part.
-* No Megatron file is edited.  The patches are: ten ``torch.cuda`` functions, six attributes of
+* No Megatron file is edited.  The patches are: ten ``torch.cuda`` functions, five attributes of
   megatron-core modules and three of megatron.training, one environment default, and one
   process-wide ``TorchFunctionMode`` that keeps "cuda" tensors on the CPU.  Row numbers (#N) refer
   to the table in docs/megatron.md §4 (the real Megatron-LM loop on CPU), which says why each patch
@@ -28,6 +28,8 @@ import os
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from .dataset_helpers import skip_helper_build_if_prebuilt
 
 __all__ = ["install_cpu_shim", "is_cpu_shim_installed"]
 
@@ -174,7 +176,6 @@ def _core_plan():
     """Patches megatron-core needs on CPU (no megatron.training import): for core-only loops too."""
     mod = importlib.import_module
     tp_random = mod("megatron.core.tensor_parallel.random")
-    ds_utils = mod("megatron.core.datasets.utils")
     fs_async = mod("megatron.core.dist_checkpointing.strategies.filesystem_async")
     fused_softmax = mod("megatron.core.fusions.fused_softmax")
     cuda = torch.cuda
@@ -192,8 +193,6 @@ def _core_plan():
         (cuda, "manual_seed", _cpu_manual_seed),  # #9: likewise
         (tp_random, "_get_cuda_rng_state", _cpu_get_rng_state),  # #9: original needs CUDA generators
         (tp_random, "_set_cuda_rng_state", _cpu_set_rng_state),  # #9: the original is a lazy call
-        # #10: runs `make`, but the wheel ships a prebuilt helpers .so and no Makefile (sys.exit(1))
-        (ds_utils, "compile_helpers", lambda: None),
         (fs_async, "get_write_results_queue", _fork_results_queue),  # #14
         (fused_softmax, "get_default_causal_mask", _cpu_causal_mask),  # #5, see _cpu_causal_mask
         (fused_softmax, "get_sliding_window_causal_mask", _cpu_sliding_window_mask),
@@ -229,6 +228,10 @@ def install_cpu_shim(training: bool = True) -> bool:
         plan += _training_plan()
     for module, attr, _ in plan:  # all-or-nothing: check every target before patching any
         _check(module, attr)
+    if not _installed:
+        # #10 is not a CPU matter: the helper-build skip every entry point installs, GPU or CPU
+        # (it checks its own target before changing anything).
+        skip_helper_build_if_prebuilt()
     for module, attr, new in plan:
         _patch(module, attr, new)
     if not _installed:
