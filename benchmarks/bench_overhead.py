@@ -5,8 +5,11 @@ local layer spec (no ProRes at all), ProRes mid-warmup (every alpha strictly bet
 scaled fp32 bias-dropout-add runs) and ProRes after the warmup (alpha == 1: the stock
 bias-dropout-add again), with bias-dropout fusion on as in Megatron-LM's default (``--no-fusion``
 turns it off). It times full forward+backward+SGD steps in rounds, every variant once per round in a
-rotating order so drift hits all alike, and prints each ratio to stock as the median of the
-per-round ratios with a 95 % bootstrap interval over rounds.
+rotating order so drift hits all alike (alpha < 1 and alpha = 1 interleaved with stock), and prints
+each ratio to stock as the median of the per-round ratios with a 95 % bootstrap interval over rounds.
+The ProRes variants write a new alpha every round inside the timed step (its real per-iteration
+cost in the Megatron-LM loop); on CUDA the weights are made on the GPU and steps are timed with
+CUDA events.
 
 Memory: on CUDA, peak allocated bytes per step; on CPU (no allocator statistics), the bytes autograd
 keeps for backward (the activation memory), counted with saved-tensor hooks.
@@ -68,12 +71,17 @@ def build(args, variant, device):
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
         ffn_hidden_size=args.ffn or args.hidden * 8 // 3 // 8 * 8, normalization="RMSNorm",
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0,
-        attention_dropout=0.0, use_cpu_initialization=True, bias_dropout_fusion=args.fusion,
+        # Weights are made where they will live: on the GPU (Megatron-LM's default) or the CPU.
+        attention_dropout=0.0, use_cpu_initialization=device.type == "cpu", bias_dropout_fusion=args.fusion,
         masked_softmax_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
         apply_rope_fusion=False, bias_activation_fusion=False, bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32, **fp8,
     )
     torch.manual_seed(0)
+    if device.type == "cuda":  # GPU init draws from the model-parallel RNG tracker: reseed it per model
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(0)
     stock = stock_spec(args)
     spec = stock if variant == "stock" else with_prores(stock, schedule="linear", warmup_steps=1000.0)
     model = GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=args.vocab,
@@ -82,10 +90,14 @@ def build(args, variant, device):
     if bf16:
         model = Float16Module(cfg, model)  # what Megatron-LM wraps a bf16 model in (casts buffers too)
     if variant != "stock":
-        # Mid-warmup: at step 500 with T = 1000 every layer has 0 < alpha <= 0.5 (linear); after the
-        # warmup (step T*L) every alpha is 1.
-        set_prores_step(model, 500 if variant == "prores_mid" else 1000 * args.layers)
+        set_prores_step(model, alpha_step(args, variant, 0))
     return model
+
+
+def alpha_step(args, variant, i):
+    """The step whose alpha round ``i`` writes. Mid-warmup: t = 500 + i with T = 1000, so every layer
+    has 0 < alpha < 1 (linear) and alpha changes every round; after the warmup: t = T*L + i (all 1)."""
+    return (500 if variant == "prores_mid" else 1000 * args.layers) + i
 
 
 def ratio_with_interval(num, den, rounds=2000, seed=0):
@@ -116,11 +128,18 @@ class SavedBytes:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
 
 
-def step(model, opt, tokens, positions, labels, device):
+def step(model, opt, tokens, positions, labels, device, set_alpha=None):
+    """One timed training step; ``set_alpha`` (ProRes variants) writes this iteration's alpha inside
+    the timed region, as the Megatron-LM integration does once per iteration. CUDA: CUDA events
+    around the step on the current stream; CPU: wall clock."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
     t0 = time.perf_counter()
+    if set_alpha is not None:
+        set_alpha()
     counter = SavedBytes()
     # CUDA has allocator statistics; the saved-tensor hooks would only add host work to time.
     with counter() if device.type == "cpu" else contextlib.nullcontext():
@@ -129,8 +148,11 @@ def step(model, opt, tokens, positions, labels, device):
     opt.step()
     opt.zero_grad(set_to_none=True)
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
+        end.record()
+        end.synchronize()
+        elapsed = start.elapsed_time(end) / 1e3
+    else:
+        elapsed = time.perf_counter() - t0
     memory = torch.cuda.max_memory_allocated() if device.type == "cuda" else counter.total
     return elapsed, memory
 
@@ -171,6 +193,7 @@ def main(argv=None):
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)
     labels = torch.roll(tokens, -1, dims=1)
     positions = torch.arange(args.seq, device=device).expand(args.batch, args.seq)
+    from prores_megatron import set_prores_step
     from prores_megatron.monitoring.layer_stats import LayerMonitor
 
     monitor = LayerMonitor(models["prores_mid"])
@@ -183,7 +206,9 @@ def main(argv=None):
             base = "prores_mid" if name == "monitored" else name
             if name == "monitored":
                 monitor.start()
-            elapsed, mem = step(models[base], opts[base], tokens, positions, labels, device)
+            set_alpha = None if base == "stock" else (
+                lambda m=models[base], t=alpha_step(args, base, i): set_prores_step(m, t, check_coverage=False))
+            elapsed, mem = step(models[base], opts[base], tokens, positions, labels, device, set_alpha)
             if name == "monitored":
                 monitor.stop()
             if i >= 3:

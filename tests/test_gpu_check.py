@@ -215,3 +215,17 @@ def test_prepare_brings_the_megatron_core_wheel_and_checks_the_size(tmp_path):
     total = float(size_line.split(" = ")[1].split(" MiB")[0])
     assert 0 < total < 64
     assert proc.stdout.rstrip().endswith("bash tools/gpu_check.sh")
+
+
+def test_step_time_reads_what_the_benchmark_prints():
+    """The step_time item parses bench_overhead's ratio lines; a tiny bf16 local-spec run on CPU (alpha
+    written inside every timed ProRes step) prints both, with intervals around the medians."""
+    gc = load_gpu_check()
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_overhead.py"), "--layers", "2",
+                           "--hidden", "64", "--seq", "32", "--batch", "2", "--steps", "3", "--dtype", "bf16",
+                           "--no-fusion"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = {kind: tuple(map(float, v)) for kind, *v in gc.BENCH_RATIO.findall(proc.stdout)}
+    assert sorted(found) == ["alpha = 1", "mid-warmup"]
+    assert all(lo <= r <= hi for r, lo, hi in found.values())
