@@ -1,9 +1,9 @@
-"""The ``prores-megatron`` command: ``plan``, ``report``, ``cosine`` and ``heldout`` (``--help`` on each).
+"""The ``prores-megatron`` command: ``plan``, ``report``, ``cosine``, ``heldout`` and ``depth`` (``--help`` on each).
 
 Contract: ``main(argv)`` parses the subcommand and its flags and returns the exit status: 0 on
 success, 2 with ``prores-megatron <command>: error: <message naming the flag or file>`` on stderr
 when the input is refused (``UsageError``, or a log/checkpoint that cannot be read). Each
-subcommand lives in its own module (``plan_command``, ``report_command``, ``cosine_command``, ``heldout_command``),
+subcommand lives in its own module (``plan_command``, ``report_command``, ``cosine_command``, ``heldout_command``, ``depth_command``),
 imported only when chosen, so ``plan`` never imports torch or Megatron.
 """
 
@@ -19,6 +19,8 @@ COMMANDS = {
     "cosine": ("cosine_command", "layerwise cosine similarity of branch outputs between checkpoints and the final one"),
     "heldout": ("heldout_command", "loss on the run's held-out documents with its standard error, and the activation "
                                    "norm across depth"),
+    "depth": ("depth_command", "the depth study (examples/scripts/depth_study_gpu.sh): final perplexity against depth "
+                               "(the paper's Fig. 1) and spike scores, ProRes against the baseline"),
 }
 
 
