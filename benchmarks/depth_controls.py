@@ -90,7 +90,7 @@ def markdown(rows) -> list:
             lines += ["No baseline with every seed: no tuned-baseline comparison.", ""]
             continue
         lines += [f"Tuned baseline (lowest mean over seeds): {_label(d['tuned_baseline'])}.", "",
-                  "| ProRes configuration | Δ against the tuned baseline | per seed | ProRes better |", "|---|---|---|---|"]
+                  "| ProRes configuration | Δ against the tuned baseline | per seed | seeds ProRes lower |", "|---|---|---|---|"]
         for a in d["against_tuned"]:
             lines.append(f"| {a['label']} | **{fmt(*a['delta'][:2])}** | {', '.join(f'{x:+.3f}' for x in a['deltas'])} | "
                          f"{a['wins']}/{len(a['deltas'])} |")

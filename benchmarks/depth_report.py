@@ -81,7 +81,7 @@ def depth_rows(results):
 
 def _tables(rows, meta):
     lines = [
-        "| layers | T | seeds | ProRes | baseline | Δ (ProRes − baseline) | per seed Δ | ProRes better | SE of one run | SE of one Δ |",
+        "| layers | T | seeds | ProRes | baseline | Δ (ProRes − baseline) | per seed Δ | seeds ProRes lower | SE of one run | SE of one Δ |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -224,6 +224,20 @@ def write_report(out: Path, rows, results, meta) -> list:
     return [out / "report.md", *figures]
 
 
+MIN_SEEDS_FOR_CLAIM = 8  # docs/benchmarks.md §5: the project's rule for a quality claim
+
+
+def verdict(mean: float, half: float, n: int) -> str:
+    """What an effect over seeds allows us to say (ProRes − baseline, negative = ProRes better): a
+    direction only with at least MIN_SEEDS_FOR_CLAIM seeds and a 95 % interval that excludes 0."""
+    if mean - half <= 0 <= mean + half:
+        return f"not distinguishable from seed spread ({n} seeds; the 95 % interval contains 0)"
+    if n < MIN_SEEDS_FOR_CLAIM:
+        return (f"no claim: the interval excludes 0 but rests on {n} seeds, fewer than the "
+                f"{MIN_SEEDS_FOR_CLAIM} a claim needs")
+    return f"ProRes {'better' if mean < 0 else 'worse'} ({n} seeds; the 95 % interval excludes 0)"
+
+
 def demo_summary(prores: dict, baseline: dict, benchmark: dict, depth: int, settings: dict) -> list:
     """The demo's closing lines: both held-out losses, the difference with its paired standard
     error, and what the depth sweep measured at this depth (over seeds), or why it does not apply."""
@@ -243,8 +257,9 @@ def demo_summary(prores: dict, baseline: dict, benchmark: dict, depth: int, sett
     wins = row["wins"]
     lines.append(f"Benchmark (benchmarks/bench_depth.py, same recipe, {n} seeds at {depth} layers): ProRes - baseline "
                  f"{m:+.4f} ± {h:.4f} (95 % interval over seeds; per seed "
-                 f"{', '.join(f'{x:+.3f}' for x in row['deltas'])}; ProRes better in {wins} of {n}). "
-                 "One demo run is one draw from that spread.")
+                 f"{', '.join(f'{x:+.3f}' for x in row['deltas'])}; ProRes lower in {wins} of {n}): "
+                 f"{verdict(m, h, n)}. One demo run is one draw from that spread, so this run's sign is no "
+                 "evidence either way.")
     lines += [f"Control: {note}" for note in benchmark.get("controls", [])]
     return lines
 

@@ -122,3 +122,25 @@ def test_shortened_sweep_writes_tables_and_figures(short_demo, tmp_path, capsys)
     bench_depth.main(argv)
     assert {p: p.stat().st_mtime_ns for p in logs} == logs
     assert "0.0 min of run time computed now" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mean, half, n, said", [
+    (-0.135, 0.202, 3, "not distinguishable from seed spread (3 seeds"),  # the old 64-layer "regime"
+    (+0.042, 0.042, 12, "not distinguishable"),  # an interval that touches 0 contains it
+    (-0.20, 0.10, 3, "no claim: the interval excludes 0 but rests on 3 seeds"),
+    (-0.20, 0.10, 8, "ProRes better (8 seeds"),
+    (+0.30, 0.10, 10, "ProRes worse (10 seeds"),
+])
+def test_quality_verdict_follows_the_claim_rule(mean, half, n, said):
+    assert depth_report.verdict(mean, half, n).startswith(said)
+
+
+def test_demo_summary_makes_no_claim_from_three_seeds():
+    prores = {"val_loss": 6.10, "val_se": 0.02, "val_tokens": 1000, "window_losses": [6.0, 6.2, 6.1]}
+    baseline = {"val_loss": 6.15, "val_se": 0.02, "val_tokens": 1000, "window_losses": [6.05, 6.25, 6.15]}
+    bench = {"settings": {"lr": 3e-3}, "rows": [{"depth": 48, "delta": [-0.05, 0.41, 3], "wins": 2,
+                                                  "deltas": [-0.05, -0.21, 0.12]}], "controls": []}
+    lines = depth_report.demo_summary(prores, baseline, bench, 48, {"lr": 3e-3})
+    text = "\n".join(lines)
+    assert "ProRes - baseline: -0.0500" in text and "not distinguishable from seed spread (3 seeds" in text
+    assert "better" not in text.replace("negative = ProRes better", "")
