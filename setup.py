@@ -11,10 +11,13 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["prores_megatron", "prores_megatron.*"]),
     python_requires=">=3.12",
-    # Never torch: installing into an existing Megatron environment (an NGC container) must keep
-    # its torch. megatron-core brings its own torch requirement; we add nothing to it.
-    install_requires=["megatron-core>=0.19.2,<0.20", "numpy"],
+    # Neither torch nor megatron-core: installing into an existing Megatron environment (an NGC or
+    # NeMo container, a Megatron-LM git checkout) must never replace or shadow what it runs. The
+    # supported range is checked when the Megatron-dependent parts import (core/compat.py); a fresh
+    # environment gets the pinned stack from tools/setup_env.sh, or from the [megatron] extra.
+    install_requires=["numpy"],
     extras_require={
+        "megatron": ["megatron-core>=0.19.2,<0.20"],
         "training": ["megatron-core[training]>=0.19.2,<0.20"],
         "hf": ["transformers", "safetensors", "sentencepiece"],
         "test": ["pytest"],

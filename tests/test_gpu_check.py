@@ -63,8 +63,9 @@ def exact_fp32(value):
 
 
 def test_fma_emulation_is_the_exactly_rounded_multiply_add():
-    import torch
     from fractions import Fraction
+
+    import torch
 
     gc = load_gpu_check()
     # Hand case: (1 + 2^-12)^2 - 1 = 2^-11 + 2^-24 exactly (an FMA keeps it); rounding the product

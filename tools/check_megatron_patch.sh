@@ -2,7 +2,9 @@
 # Check patches/ against a Megatron-LM checkout on CPU: apply the patch to a scratch copy, train the
 # patched pretrain_gpt.py a few iterations (gloo) and require the same loss, bit for bit, at every
 # iteration as `python -m prores_megatron.training.pretrain_gpt` with the same flags, and a different one
-# with --prores-schedule none (ProRes is really on). Usage:
+# with --prores-schedule none (ProRes is really on); and, ProRes being opt-in, that the patched script
+# without any --prores-* flag gives bit for bit the losses of the unpatched script (stock Megatron-LM)
+# and of the entry point without --prores-* flags. Usage:
 #   bash tools/check_megatron_patch.sh /path/to/Megatron-LM      (branch core_r0.19.0)
 #   PP=2 ... runs the pipeline-parallel variant; EXTRA_ARGS adds flags to both runs.
 # The checkout is never modified. Its megatron/ comes first on sys.path (as for its users), and this
@@ -25,6 +27,8 @@ if git -C "$MLM" rev-parse --git-dir >/dev/null 2>&1; then
 else
     cp -a "$MLM/." "$SCRATCH/"
 fi
+cp -a "$SCRATCH" "$SCRATCH.stock"  # the unpatched copy, for the stock comparison
+trap 'rm -rf "$SCRATCH" "$SCRATCH.stock"' EXIT
 cd "$SCRATCH"
 git apply --check "$PATCH"
 patch -p1 --dry-run --quiet < "$PATCH" >/dev/null
@@ -36,6 +40,7 @@ if ! ls megatron/core/datasets/helpers_cpp*.so >/dev/null 2>&1; then
 print(*glob.glob(os.path.join(os.path.dirname(d.__file__), "helpers_cpp*.so"))[:1])' 2>/dev/null)
     [[ -n "$wheel_helpers" ]] || { echo "FAIL: no compiled dataset helpers in the checkout or the wheel" >&2; exit 1; }
     cp "$wheel_helpers" megatron/core/datasets/
+    cp "$wheel_helpers" "$SCRATCH.stock/megatron/core/datasets/"
 fi
 
 FLAGS=(
@@ -77,10 +82,28 @@ PRORES=(--prores-schedule linear --prores-warmup-steps 1)
 patched=$(launch patched pretrain_gpt.py -- "${FLAGS[@]}" "${PRORES[@]}" "${EXTRA[@]}")
 entry=$(cd "$ROOT" && launch entry -m prores_megatron.training.pretrain_gpt -- "${FLAGS[@]}" "${PRORES[@]}" "${EXTRA[@]}")
 plain=$(launch plain pretrain_gpt.py -- "${FLAGS[@]}" --prores-schedule none "${EXTRA[@]}")
+# ProRes off: the patched script, the unpatched one (stock Megatron-LM, which installs no CPU shim:
+# it runs through a one-line wrapper that installs it first) and the entry point, all without --prores-*.
+off_patched=$(launch off_patched pretrain_gpt.py -- "${FLAGS[@]}" "${EXTRA[@]}")
+cat > "$SCRATCH.stock/stock_on_cpu.py" <<'PY'
+import runpy, sys
+from prores_megatron.training import install_cpu_shim
+install_cpu_shim()
+sys.argv[0] = "pretrain_gpt.py"
+runpy.run_path("pretrain_gpt.py", run_name="__main__")
+PY
+off_stock=$(cd "$SCRATCH.stock" && launch off_stock stock_on_cpu.py -- "${FLAGS[@]}" "${EXTRA[@]}")
+off_entry=$(cd "$ROOT" && launch off_entry -m prores_megatron.training.pretrain_gpt -- "${FLAGS[@]}" "${EXTRA[@]}")
 grep -q "ProRes: " "$SCRATCH/patched.log" || { echo "FAIL: the patched script did not log its ProRes settings" >&2; exit 1; }
 echo "iteration / lm loss  patched Megatron-LM | prores_megatron.training.pretrain_gpt | patched, --prores-schedule none"
 paste <(echo "$patched") <(echo "$entry" | cut -d' ' -f2) <(echo "$plain" | cut -d' ' -f2)
 [[ $(echo "$patched" | wc -l) -eq $ITERS ]] || { echo "FAIL: expected $ITERS logged iterations" >&2; exit 1; }
 [[ "$patched" == "$entry" ]] || { echo "FAIL: the patched script and the entry point disagree" >&2; exit 1; }
 [[ "$patched" != "$plain" ]] || { echo "FAIL: --prores-schedule none gives the same losses" >&2; exit 1; }
-echo "PASS: patched Megatron-LM pretrain_gpt.py trains on CPU (PP=$PP) with ProRes, identical to the entry point"
+echo "iteration / lm loss without --prores-* flags: unpatched Megatron-LM | patched | entry point"
+paste <(echo "$off_stock") <(echo "$off_patched" | cut -d' ' -f2) <(echo "$off_entry" | cut -d' ' -f2)
+[[ $(echo "$off_stock" | wc -l) -eq $ITERS ]] || { echo "FAIL: expected $ITERS logged stock iterations" >&2; exit 1; }
+[[ "$off_patched" == "$off_stock" ]] || { echo "FAIL: the patched script without --prores-* flags is not stock" >&2; exit 1; }
+[[ "$off_entry" == "$off_stock" ]] || { echo "FAIL: the entry point without --prores-* flags is not stock" >&2; exit 1; }
+! grep -q "\[ProRes\]" "$SCRATCH/off_patched.log" || { echo "FAIL: ProRes logged alpha while off" >&2; exit 1; }
+echo "PASS: patched Megatron-LM pretrain_gpt.py trains on CPU (PP=$PP) with ProRes, identical to the entry point; without --prores-* flags the patched script and the entry point are bit-identical to unpatched Megatron-LM"

@@ -27,7 +27,10 @@
 #                          set it empty to split evenly, with VPP virtual stages per rank if given)
 #   VPP                    --num-virtual-stages-per-pipeline-rank when PP_LAYOUT is empty
 #   MICRO_BATCH_SIZE (1), GLOBAL_BATCH_SIZE (512), TRAIN_ITERS (150000)
-#   PRORES_SCHEDULE (linear), PRORES_WARMUP_STEPS (500)
+#   PRORES_SCHEDULE (linear), PRORES_WARMUP_STEPS (500). T matches the paper's steps (500 at >= 96
+#                   layers), not its tokens: a step here is 512 x 4096 tokens, 4x the paper's 512 x 1024,
+#                   so T = 500 is 1.05 B tokens per layer, 2x the paper's 1000-step reference (0.52 B;
+#                   the dry run prints it). PRORES_WARMUP_STEPS=125 would match the paper's 500-step tokens.
 #   FP8_RECIPE (tensorwise) tensorwise (current scaling), delayed, or none (bf16 only)
 #   flag_groups.sh: SAVE_INTERVAL, EXIT_DURATION_MINS, ASYNC_SAVE, NON_PERSISTENT_SAVE_INTERVAL,
 #                   PRORES_MONITOR_INTERVAL, WANDB_PROJECT, PROFILE, RECOMPUTE, NUM_WORKERS, ...

@@ -24,7 +24,10 @@
 #   MOCK=1                      synthetic data and NullTokenizer (no data or tokenizer needed)
 #   TP (1), PP (1)              tensor / pipeline parallel sizes (TP > 1 adds sequence parallel + TP overlap)
 #   MICRO_BATCH_SIZE (1), GLOBAL_BATCH_SIZE (1024), TRAIN_ITERS (100000)
-#   PRORES_SCHEDULE (linear), PRORES_WARMUP_STEPS (1000: layer l reaches alpha = 1 at step 1000*l)
+#   PRORES_SCHEDULE (linear), PRORES_WARMUP_STEPS (1000: layer l reaches alpha = 1 at step 1000*l).
+#                   T matches the paper's steps, not its tokens: a step here is 1024 x 4096 tokens, 8x
+#                   the paper's 512 x 1024, so T = 1000 is 4.19 B tokens per layer, 8x the paper's 0.52 B
+#                   (the dry run prints it); PRORES_WARMUP_STEPS=125 would match the paper's tokens.
 #   FP8_RECIPE (tensorwise)     tensorwise (current scaling), delayed, or none (bf16 only)
 #   flag_groups.sh: SAVE_INTERVAL, EXIT_DURATION_MINS, ASYNC_SAVE, NON_PERSISTENT_SAVE_INTERVAL,
 #                   PRORES_MONITOR_INTERVAL, WANDB_PROJECT, PROFILE, RECOMPUTE, NUM_WORKERS, ...

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # A tiny Llama-style ProRes pretraining run on CPU (gloo) through Megatron-LM's real training loop.
 # Same entry point and flags as the GPU scripts, shrunk to run in about a minute on 2 cores.
-#   TP, PP          tensor / pipeline parallel sizes (world size = TP*PP, default 1*2)
+#   TP, PP, DP      tensor / pipeline / data parallel sizes (world size = TP*PP*DP, default 1*2*1)
 #   TRAIN_ITERS     total optimizer steps (default 20)      EXIT_INTERVAL  stop early (resume test)
+#   TRAIN_SAMPLES   train by samples instead (--train-samples, --lr-warmup-samples 16)
+#   BATCH_SCHEDULE  a batch-size ramp-up, --step-batch-size-schedule "TOKENS:BATCH ..." (megatron-core
+#                   0.19 ignores the deprecated --rampup-batch-size), instead of --global-batch-size 8
 #   SAVE_DIR        checkpoint directory (default runs/tiny_cpu/ckpt; resumes when it has one)
-#   PRORES_ARGS     ProRes flags (default: linear, T = 2 steps per layer)
+#   PRORES_ARGS     ProRes flags (default: linear, T = 2 steps per layer; set but empty: ProRes off, stock)
 #   EXTRA_ARGS      anything else, appended last (it wins)
 #   PYTHON          interpreter (default: the project environment, built on first use)
 #   DRY_RUN=1       validate and print the layout, alpha plan, parameter count and command instead
@@ -17,11 +20,12 @@ if [[ -z "${PYTHON:-}" ]]; then
 fi
 TP=${TP:-1}
 PP=${PP:-2}
+DP=${DP:-1}
 TRAIN_ITERS=${TRAIN_ITERS:-20}
 SAVE_DIR=${SAVE_DIR:-$ROOT/runs/tiny_cpu/ckpt}
 MASTER_PORT=${MASTER_PORT:-$((20000 + RANDOM % 20000))}
-WORLD=$((TP * PP))
-read -r -a PRORES_ARGS <<< "${PRORES_ARGS:---prores-schedule linear --prores-warmup-steps 2}"
+WORLD=$((TP * PP * DP))
+read -r -a PRORES_ARGS <<< "${PRORES_ARGS---prores-schedule linear --prores-warmup-steps 2}"
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 [[ -n "${EXIT_INTERVAL:-}" ]] && EXTRA=(--exit-interval "$EXIT_INTERVAL" "${EXTRA[@]}")
 
@@ -33,9 +37,19 @@ MODEL_ARGS=(
     --normalization RMSNorm --swiglu --disable-bias-linear --untie-embeddings-and-output-weights
     --attention-dropout 0.0 --hidden-dropout 0.0 --init-method-std 0.02
 )
+if [[ -n "${TRAIN_SAMPLES:-}" ]]; then
+    LENGTH_ARGS=(--train-samples "$TRAIN_SAMPLES" --lr-warmup-samples 16)
+else
+    LENGTH_ARGS=(--train-iters "$TRAIN_ITERS" --lr-warmup-iters 2)
+fi
+if [[ -n "${BATCH_SCHEDULE:-}" ]]; then
+    BATCH_ARGS=(--step-batch-size-schedule "$BATCH_SCHEDULE")
+else
+    BATCH_ARGS=(--global-batch-size 8)
+fi
 TRAINING_ARGS=(
-    --micro-batch-size 2 --global-batch-size 8 --train-iters "$TRAIN_ITERS"
-    --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 2
+    --micro-batch-size 2 "${BATCH_ARGS[@]}" "${LENGTH_ARGS[@]}"
+    --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --seed 1234
 )
 MODEL_PARALLEL_ARGS=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP")

@@ -18,12 +18,12 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..core.alpha_plan import AlphaPlan, alpha_plan, format_alpha_plan
-from ..training.arguments import ProResArgumentError, add_prores_args, validate_prores_args
+from ..core.alpha_plan import AlphaPlan, alpha_plan, format_alpha_plan, warmup_tokens_per_layer
+from ..training.arguments import ProResArgumentError, add_prores_args, validate_prores_args, warmup_length
 from .alpha_figure import write_alpha_heatmap
 from .usage import UsageError
 
-PLAN_FLAGS = ("prores_schedule", "prores_warmup_steps", "prores_total_warmup_steps")
+PLAN_FLAGS = ("prores_schedule", "prores_warmup_steps", "prores_total_warmup_steps", "prores_warmup_samples")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "DRY_RUN=1 DRY_RUN_ARGS=--json and its environment (TRAIN_ITERS=..., etc.)")
     src.add_argument("--num-layers", type=int, help="L, the number of decoder layers")
     src.add_argument("--train-iters", type=int, help="the run's --train-iters (checks the warmup fits)")
+    src.add_argument("--train-samples", type=int, help="the run's --train-samples (with --prores-warmup-samples)")
+    src.add_argument("--global-batch-size", type=int, help="sequences per step: the warmup in tokens per layer")
+    src.add_argument("--seq-length", type=int, help="tokens per sequence: the warmup in tokens per layer")
     add_prores_args(p)  # the training run's own --prores-* flags, same names and help
     for action in p._actions:  # argparse lists its actions only here
         # The other --prores-* flags are accepted, so a launch's flags can be pasted, but they do
@@ -45,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--all-layers", action="store_true", help="list every layer in the text output")
 
 
-_FLAG_DESTS = ("num_layers", "train_iters", "prores_warmup_steps", "prores_total_warmup_steps")
+_FLAG_DESTS = ("num_layers", "train_iters", "train_samples", "global_batch_size", "seq_length",
+               "prores_warmup_steps", "prores_total_warmup_steps", "prores_warmup_samples")
 
 
 def plan_from_flags(args) -> tuple:
@@ -56,14 +60,19 @@ def plan_from_flags(args) -> tuple:
     if args.train_iters is not None and args.train_iters < 1:
         raise UsageError(f"--train-iters {args.train_iters} must be >= 1")
     # train_iters stays out of validate_prores_args: alpha_plan words the same warning per layer.
-    ns = argparse.Namespace(**{**vars(args), "train_iters": None})  # validated and normalised in place
+    ns = argparse.Namespace(**{**vars(args), "train_iters": None, "train_samples": None})  # normalised in place
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             validate_prores_args(ns)
         except ProResArgumentError as err:
             raise UsageError(str(err)) from None
-    plan = alpha_plan(ns.prores_schedule, ns.prores_warmup_steps, args.num_layers, args.train_iters)
+    if not ns.prores_enabled:
+        raise UsageError("--prores-schedule is required: ProRes is off without it (e.g. --prores-schedule linear)")
+    T, unit, _ = warmup_length(ns)
+    tokens = warmup_tokens_per_layer(T, unit, args.seq_length, args.global_batch_size)
+    plan = alpha_plan(ns.prores_schedule, T, args.num_layers,
+                      args.train_samples if unit == "samples" else args.train_iters, unit=unit, tokens_per_layer=tokens)
     return plan, list(dict.fromkeys([str(w.message) for w in caught] + plan.warnings))
 
 

@@ -80,6 +80,30 @@ def resume_warning(model_cfg, directory, finetune, ckpt_step=None):
     return settings_change(saved_args(it_dir), iteration or 0, it_dir, args)
 
 
+def refuse_pretrained_rewarm(prores, directory, finetune) -> None:
+    """Bridge's form of ``validate_prores_args``'s fine-tuning refusal: a time-dependent schedule on a
+    load that starts at iteration 0 (``checkpoint.finetune``, ``checkpoint.pretrained_checkpoint``
+    while ``checkpoint.load`` holds none, a release checkpoint) raises ``ProResArgumentError`` before
+    anything is read, unless ``ProResConfig(rewarm_pretrained=True)``."""
+    from ..core.schedules import needs_warmup_steps
+    from ..training.arguments import ProResArgumentError
+
+    if prores is None or not directory or prores.rewarm_pretrained or not needs_warmup_steps(prores.schedule):
+        return
+    tracker = Path(directory) / TRACKER
+    release = tracker.is_file() and tracker.read_text(encoding="utf-8", errors="replace").strip() == "release"
+    if not (finetune or release):
+        return
+    how = (f"a release checkpoint ({directory})" if release else
+           f"a fine-tuning load of {directory} (checkpoint.finetune / checkpoint.pretrained_checkpoint)")
+    raise ProResArgumentError(
+        f"ProResConfig(schedule={prores.schedule!r}) with {how}: the run starts at iteration 0, where "
+        "alpha(l, 0) = 0 turns every pretrained layer into an identity, which then re-warms. For fine-tuning "
+        "use ProResConfig(schedule='none') (Megatron-LM: --prores-schedule none); to re-warm on purpose set "
+        "ProResConfig(rewarm_pretrained=True) (Megatron-LM: --prores-rewarm-pretrained). Megatron-LM flags that "
+        "load at iteration 0: --finetune, --pretrained-checkpoint, a release checkpoint")
+
+
 class ProResCheckpointManager:
     def __init__(self, checkpoint_config, inner=None):
         """``inner``: the manager to delegate to (default: Bridge's ``DefaultCheckpointManager``)."""
@@ -91,9 +115,13 @@ class ProResCheckpointManager:
         return getattr(self.inner, "checkpointing_context", {})
 
     def load(self, ctx):
+        from .checkpoint_metadata import prores_settings
+
         model_cfg = ctx.state.cfg.model
         check_prores_spec(model_cfg)
         directory, finetune = load_dir(self.checkpoint_config)
+        prores = prores_settings(model_cfg)
+        refuse_pretrained_rewarm(prores, directory, finetune)
         if _rank0():
             try:
                 message = resume_warning(model_cfg, directory, finetune,
@@ -102,6 +130,11 @@ class ProResCheckpointManager:
                 message = f"WARNING: ProRes could not compare its settings with the checkpoint's ({err})"
             if message:
                 print(message, flush=True)
+        if prores is not None and prores.trust_checkpoint:
+            if _rank0():
+                print(f"WARNING: ProRes: ProResConfig(trust_checkpoint=True): {directory or 'the checkpoint'} is "
+                      "unpickled WITHOUT the allow-list; a crafted checkpoint can run code on every rank", flush=True)
+            return self.inner.load(ctx)
         with restricted_dcp_loading(f"the checkpoint Megatron-Bridge loads ({directory or 'no path'})"):
             return self.inner.load(ctx)
 

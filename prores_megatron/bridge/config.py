@@ -39,6 +39,8 @@ class ProResConfig:
     spike_window: Optional[int] = None  # None: the Megatron-LM flag's default
     spike_threshold: Optional[float] = None
     spike_min_history: Optional[int] = None
+    rewarm_pretrained: bool = False  # --prores-rewarm-pretrained: fine-tune with a time-dependent schedule
+    trust_checkpoint: bool = False  # --prores-trust-checkpoint: load without the pickle allow-list
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -33,9 +33,18 @@ class CheckpointError(ValueError):
     """The path is not a readable Megatron checkpoint (the message names the file and why)."""
 
 
+TRUST_HINT = (" If the checkpoint is of trusted origin and wrongly refused, load it without the allow-list: "
+              "--prores-trust-checkpoint (Megatron-LM entry point and patch; Megatron-Bridge: "
+              "ProResConfig(trust_checkpoint=True))")
+
+
 class UnsafePickleError(CheckpointError):
     """A pickle in the checkpoint names a class or function outside the allow-list (the message
-    names it and the file); it was refused before that global was imported or called."""
+    names it and the file, and the flag that loads a trusted checkpoint without the allow-list); it
+    was refused before that global was imported or called."""
+
+    def __init__(self, message=""):
+        super().__init__(message if TRUST_HINT in message else message + TRUST_HINT)
 
 
 def register_megatron_safe_globals():

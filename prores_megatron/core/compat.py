@@ -6,8 +6,39 @@ touches this file alone (tests/test_layering.py enforces it). Nothing here impor
 in ``prores_megatron.training`` imports megatron.training itself, inside functions.
 Targets megatron-core 0.19.2.
 """
+# ruff: noqa: E402  (the version check runs before megatron-core's other modules import)
 
 import torch
+
+MEGATRON_CORE_TARGET = "0.19.2"
+SUPPORTED_MEGATRON_CORE = (">=0.19.2", "<0.20")  # setup.py's [megatron] extra says the same
+
+
+def check_megatron_core_version(version: str, where: str = "") -> None:
+    """ImportError unless ``version`` (megatron-core's ``package_info.__version__``) is in
+    ``SUPPORTED_MEGATRON_CORE``; the message names the version found, where, and the range."""
+    import re
+
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", str(version))
+    parts = tuple(int(x) for x in match.groups()) if match else None
+    if parts is None or not (0, 19, 2) <= parts < (0, 20, 0):
+        raise ImportError(
+            f"prores-megatron supports megatron-core {','.join(SUPPORTED_MEGATRON_CORE)}, but the megatron-core "
+            f"imported here is {version}{f' ({where})' if where else ''}. Run it with a supported megatron-core "
+            "(Megatron-LM branch core_r0.19.0, or pip's megatron-core 0.19.x), or install prores-megatron's own "
+            "environment (tools/setup_env.sh); docs/megatron.md §1")
+
+
+def _imported_megatron_core_version():
+    # package_info is what the imported tree says of itself (a Megatron-LM checkout on sys.path
+    # included), not the metadata of whatever wheel pip installed.
+    from megatron.core import package_info
+
+    return package_info.__version__, getattr(package_info, "__file__", "")
+
+
+check_megatron_core_version(*_imported_megatron_core_version())
+
 from megatron.core import parallel_state
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.jit import jit_fuser
@@ -33,10 +64,9 @@ __all__ = [  # re-exported: the other core modules reach megatron-core through t
     "get_gpt_layer_with_transformer_engine_spec", "IdentityFuncOp", "IdentityOp", "MLPSubmodules", "MoELayer", "ModuleSpec",
     "build_module", "TransformerBlock", "TransformerBlockSubmodules", "BaseTransformerLayer", "TransformerLayer",
     "TransformerLayerSubmodules", "get_attr_wrapped_model", "MEGATRON_CORE_TARGET", "BDA_FIELDS",
-    "have_transformer_engine", "decoder_layers", "default_pp_group", "backend_for", "unwrap",
+    "have_transformer_engine", "decoder_layers", "SUPPORTED_MEGATRON_CORE", "check_megatron_core_version",
+    "default_pp_group", "backend_for", "unwrap",
 ]
-
-MEGATRON_CORE_TARGET = "0.19.2"
 
 # TransformerLayerSubmodules fields that hold a residual add (cross-attention has none in GPT).
 BDA_FIELDS = ("self_attn_bda", "cross_attn_bda", "mlp_bda")

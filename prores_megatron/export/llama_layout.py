@@ -302,9 +302,21 @@ def resolve_layout(args, iteration: int, overrides=None, sp_vocab_size=None):
     step = overrides.get("step")
     start = int(_get(args, "prores_start_step", default=0) or 0)
     trained_step = prores_step(int(iteration), start)  # what the next training step would use
+    samples = _get(args, "prores_warmup_samples")
+    if samples is not None and overrides.get("prores_warmup_steps") is None:
+        # --prores-warmup-samples: t is the samples consumed by the completed steps, which the
+        # checkpoint's arguments hold (Megatron-LM saves consumed_train_samples with them).
+        consumed = _get(args, "consumed_train_samples")
+        if consumed is None:
+            raise ExportError("the checkpoint trained with --prores-warmup-samples but its arguments have no "
+                              "consumed_train_samples; pass --step S (samples) to choose alpha")
+        trained_step = prores_step(int(consumed))
     if step is None:
         step = trained_step
-        if start:
+        if samples is not None and overrides.get("prores_warmup_steps") is None:
+            notes.append(f"--prores-warmup-samples {samples:g}: alpha at s = {step} consumed samples "
+                         f"(iteration {iteration})")
+        elif start:
             notes.append(f"--prores-start-step {start}: alpha at t = {iteration} - {start} = {step}")
     elif step != trained_step:
         notes.append(f"--step {step}: alpha at t={step}, not at the checkpoint's t={trained_step} "
@@ -342,6 +354,8 @@ def _prores_schedule(args, overrides, notes, L):
     schedule = _override(notes, "ProRes schedule", "--prores-schedule", saved, given) or "none"
     schedule = canonical_schedule(schedule)
     warmup = _get(args, "prores_warmup_steps")
+    if warmup is None and _get(args, "prores_warmup_samples") is not None:
+        warmup = _get(args, "prores_warmup_samples")  # S: the warmup in samples, t = consumed samples
     if warmup is None and _get(args, "prores_total_warmup_steps") is not None and saved is not None:
         from ..core.schedules import warmup_steps_from_total
 

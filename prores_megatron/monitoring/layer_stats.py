@@ -10,7 +10,8 @@ Contract:
   disarms them; ``reduce(...)`` returns one [L, k] table valid on every rank: summed over
   data-parallel replicas, over pipeline stages (each layer lives on one), and over tensor-parallel
   ranks only under sequence parallelism (otherwise TP ranks hold the same activations).
-  ``layer_grad_sq(...)`` gives the per-layer sum of squared gradients the same way.
+  ``layer_grad_sq(...)`` gives the per-layer sum of squared gradients the same way;
+  ``layer_grad_sq_sharded(...)`` the same under the distributed optimizer, from each rank's shard.
 - ``capture_branch_outputs(model)``: a context manager that keeps the raw branch outputs and
   layer outputs of one forward pass (for offline analysis such as the layerwise cosine).
 Disarmed, the residual modules pay one attribute test per call. Recompute passes inside backward
@@ -160,6 +161,57 @@ def layer_grad_sq(model_chunks, num_layers, pp_group=None, tp_group=None):
                 sharded[layer.layer_number - 1] += sq
             else:
                 replicated[layer.layer_number - 1] += sq
+    if tp_group is not None and torch.distributed.get_world_size(tp_group) > 1:
+        torch.distributed.all_reduce(sharded, group=tp_group)
+    total = sharded + replicated
+    if pp_group is not None and torch.distributed.get_world_size(pp_group) > 1:
+        torch.distributed.all_reduce(total, group=pp_group)
+    return total
+
+
+def layer_grad_sq_sharded(model_chunks, num_layers, pp_group=None, tp_group=None):
+    """``layer_grad_sq`` under the distributed optimizer: after its reduce-scatter each rank holds
+    the reduced gradient only in its own shard of every gradient bucket, so each rank sums the squares
+    of the part of each layer parameter's ``main_grad`` inside its shard, and the sums are
+    all-reduced over the bucket group's distributed-optimizer group, as megatron-core's
+    ``get_grad_norm_fp32`` does with each rank's shard for clipping; then TP and PP as in
+    ``layer_grad_sq``. ``model_chunks``: the DDP-wrapped chunks (their ``bucket_groups``)."""
+    chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    layer_of = {}
+    for layer in _layers(chunks):
+        for p in layer.parameters():
+            layer_of[id(p)] = (layer.layer_number - 1, bool(getattr(p, "tensor_model_parallel", False)))
+    device = next(iter(chunks[0].parameters())).device
+    per_group = {}  # id(group) -> (group, [L] sharded, [L] replicated)
+    for chunk in chunks:
+        groups = [*getattr(chunk, "bucket_groups", []), *getattr(chunk, "expert_parallel_bucket_groups", [])]
+        if not groups:
+            raise ValueError("layer_grad_sq_sharded needs Megatron DDP chunks with gradient buckets")
+        for bucket_group in groups:
+            size = bucket_group.intra_distributed_optimizer_instance_size
+            rank = bucket_group.intra_distributed_optimizer_instance_rank
+            group = bucket_group.intra_distributed_optimizer_instance_group
+            _, sharded, replicated = per_group.setdefault(id(group), (
+                group, torch.zeros(num_layers, dtype=torch.float64, device=device),
+                torch.zeros(num_layers, dtype=torch.float64, device=device)))
+            for bucket in bucket_group.buckets:
+                shard = bucket.grad_data.numel() // size
+                lo, hi = rank * shard, (rank + 1) * shard
+                for param, (start, end) in bucket.param_to_index.items():
+                    where = layer_of.get(id(param))
+                    a, b = max(start, lo), min(end, hi)
+                    if where is None or a >= b:
+                        continue
+                    sq = bucket.grad_data[a:b].detach().float().pow(2).sum().double()
+                    (sharded if where[1] else replicated)[where[0]] += sq
+    sharded = torch.zeros(num_layers, dtype=torch.float64, device=device)
+    replicated = torch.zeros(num_layers, dtype=torch.float64, device=device)
+    for group, s_part, r_part in per_group.values():
+        both = torch.stack([s_part, r_part])
+        if group is not None and torch.distributed.get_world_size(group) > 1:
+            torch.distributed.all_reduce(both, group=group)
+        sharded += both[0]
+        replicated += both[1]
     if tp_group is not None and torch.distributed.get_world_size(tp_group) > 1:
         torch.distributed.all_reduce(sharded, group=tp_group)
     total = sharded + replicated

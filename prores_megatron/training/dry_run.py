@@ -262,6 +262,40 @@ def _memory_estimate(args, notes: list):
                 total_mb=round(weights + activations))
 
 
+def _plan(args, notes: list):
+    """The alpha plan in the run's unit (steps, or samples with --prores-warmup-samples), checked
+    against --train-iters / --train-samples, with the warmup per layer in tokens."""
+    from ..core.alpha_plan import alpha_plan, warmup_tokens_per_layer
+    from .arguments import warmup_length
+
+    if not args.prores_enabled:
+        notes.append("ProRes off (no --prores-schedule): the stock Megatron-LM model")
+        return alpha_plan("none", None, args.num_layers)
+    T, unit, _ = warmup_length(args)
+    length = args.train_samples if unit == "samples" else args.train_iters
+    # The batch that T's steps hold: --global-batch-size (under --step-batch-size-schedule, its last value).
+    tokens = warmup_tokens_per_layer(T, unit, args.seq_length, args.global_batch_size)
+    return alpha_plan(args.prores_schedule, T, args.num_layers, length, unit=unit, tokens_per_layer=tokens)
+
+
+FP8_EXTRA_STATE_VARIABLE = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
+
+
+def _fp8_warnings(args) -> list:
+    """FP8 delayed scaling: Transformer Engine >= 2.20 refuses to unpickle its extra state (the amax
+    history) on resume unless NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1 (transformer_engine/pytorch/
+    _extra_state.py); current-scaling recipes are stateless and unaffected (docs/megatron.md §7)."""
+    if not getattr(args, "fp8", None) or getattr(args, "fp8_recipe", None) != "delayed":
+        return []
+    if os.environ.get(FP8_EXTRA_STATE_VARIABLE) == "1":
+        return []
+    return [f"--fp8-recipe delayed: with Transformer Engine >= 2.20 a resume refuses to unpickle the FP8 "
+            f"delayed-scaling extra state unless {FP8_EXTRA_STATE_VARIABLE}=1 is set in the job's environment "
+            "(a pickle load the TE allow-list does not cover; set it only for checkpoints you trust), or use a "
+            "current-scaling recipe (--fp8-recipe tensorwise, the launch scripts' FP8_RECIPE default), which "
+            "keeps no such state"]
+
+
 def _data_notes(args) -> list:
     """Indexed-dataset prefixes that are not readable here (fine if they live on the cluster)."""
     if args.mock_data or not args.data_path:
@@ -292,7 +326,6 @@ def run(argv) -> dict:
         args.padded_vocab_size = vocab["padded_vocab_size"]
     config = _transformer_config(args, assumptions)
 
-    from ..core.alpha_plan import alpha_plan
     from .param_count import count_parameters
     from .pipeline_layout import PipelineLayoutError, check_layer_coverage, layer_table
 
@@ -311,15 +344,16 @@ def run(argv) -> dict:
         except NotImplementedError as err:
             notes.append(str(err))
     memory = _memory_estimate(args, notes)
-    plan = alpha_plan(args.prores_schedule, args.prores_warmup_steps, args.num_layers, args.train_iters)
+    plan = _plan(args, notes)
     warnings_out = list(dict.fromkeys(warnings_out + plan.warnings))  # in order, exact repeats once
+    warnings_out += _fp8_warnings(args)
     notes += _data_notes(args)
     if args.use_checkpoint_args:
         notes.append("--use-checkpoint-args: at launch the checkpoint's architecture flags replace "
                      "these; the dry run checked the flags as given")
-    if args.train_iters is None:
-        notes.append("--train-iters not given (sample-based run): the alpha plan cannot be "
-                     "checked against the run length")
+    if args.train_iters is None and getattr(args, "prores_warmup_samples", None) is None and args.prores_enabled:
+        notes.append("--train-iters not given (sample-based run): the alpha plan (in steps) cannot be checked "
+                     "against the run length; --prores-warmup-samples counts the warmup in samples")
 
     chunks = []
     for c in table:
@@ -388,7 +422,7 @@ def format_report(report: dict) -> str:
         format_layer_table(table),
         f"  check: {report['coverage']}",
         "",
-        "Alpha plan (first optimizer step at which a layer has alpha = 1):",
+        "Alpha plan (first optimizer step, or consumed samples, at which a layer has alpha = 1):",
         format_alpha_plan(AlphaPlan(**report["alpha_plan"])),
         "",
     ]

@@ -18,6 +18,8 @@ This is the whole integration;
 
 import functools
 
+from .arguments import warmup_length
+
 
 def prores_layer_spec_fn(args):
     """The callable GPTModelConfig.transformer_layer_spec: Megatron-LM's own spec for the run's
@@ -30,7 +32,7 @@ def prores_layer_spec_fn(args):
         from megatron.training.models.gpt import default_layer_spec
 
         stock = default_layer_spec(model_config, vp_stage)
-        return with_prores(stock, args.prores_schedule, args.prores_warmup_steps, arch=args.prores_arch,
+        return with_prores(stock, args.prores_schedule, warmup_length(args)[0], arch=args.prores_arch,
                            config=model_config.transformer)
 
     return layer_spec
@@ -38,9 +40,13 @@ def prores_layer_spec_fn(args):
 
 def current_prores_step(args) -> int:
     """ProRes's t for the forward step Megatron is running: ``args.curr_iteration`` (completed
-    optimizer steps, restored on resume) minus ``--prores-start-step``, never below 0."""
+    optimizer steps, restored on resume) minus ``--prores-start-step``, never below 0; with
+    ``--prores-warmup-samples``, ``args.consumed_train_samples`` (samples of the completed steps, which
+    Megatron-LM adds after each train_step and restores on resume)."""
     from ..core.schedules import prores_step
 
+    if getattr(args, "prores_warmup_samples", None) is not None:
+        return prores_step(int(args.consumed_train_samples))
     return prores_step(args.curr_iteration, getattr(args, "prores_start_step", 0))
 
 
@@ -104,11 +110,13 @@ def set_alpha_per_iteration(args):
     from .training_monitor import AlphaLogger
 
     log_alpha = AlphaLogger(args)
+    last_trained = []  # the t of this launch's last train_step
 
     def around_train_step(inner):
         def train_step(forward_step_func, data_iterator, model, *rest, **kwargs):
             step = current_prores_step(args)
             set_prores_step(model, step, check_coverage=False)
+            last_trained[:] = [step]
             log_alpha(args.curr_iteration, step, model)
             return inner(forward_step_func, data_iterator, model, *rest, **kwargs)
 
@@ -116,7 +124,12 @@ def set_alpha_per_iteration(args):
 
     def around_evaluation(inner):
         def evaluate_and_print_results(prefix, forward_step_func, data_iterator, model, iteration, *rest, **kwargs):
-            step = prores_step(max(int(iteration) - 1, 0), getattr(args, "prores_start_step", 0))
+            if getattr(args, "prores_warmup_samples", None) is None:
+                step = prores_step(max(int(iteration) - 1, 0), getattr(args, "prores_start_step", 0))
+            elif last_trained:
+                step = last_trained[0]
+            else:  # no step in this launch: the last step's s, exact without --rampup-batch-size
+                step = prores_step(max(int(args.consumed_train_samples) - int(args.global_batch_size), 0))
             set_prores_step(model, step, check_coverage=False)
             return inner(prefix, forward_step_func, data_iterator, model, iteration, *rest, **kwargs)
 
@@ -134,6 +147,8 @@ def restrict_checkpoint_loading(args):
     on every rank alike."""
     from ..checkpoint.safe_unpickle import restricted_dcp_loading
 
+    if getattr(args, "prores_trust_checkpoint", False):
+        return  # describe_prores_args says so loudly at start-up
     where = " / ".join(f"{flag} {value}" for flag, value in (("--load", getattr(args, "load", None)),
                        ("--pretrained-checkpoint", getattr(args, "pretrained_checkpoint", None))) if value)
 
@@ -148,9 +163,13 @@ def restrict_checkpoint_loading(args):
 
 
 def configure_model_config(model_cfg, args):
-    """Plug ProRes into ``model_cfg`` (see module docstring); returns it."""
+    """Plug ProRes into ``model_cfg`` (see module docstring); returns it. With ProRes off (no
+    ``--prores-schedule``: ``args.prores_enabled`` False) it returns ``model_cfg`` untouched and wraps
+    nothing: the stock model, spec, hooks and loop."""
     from .resume_check import resume_check_hook
 
+    if not getattr(args, "prores_enabled", True):
+        return model_cfg
     set_alpha_per_iteration(args)
     restrict_checkpoint_loading(args)
     model_cfg.transformer_layer_spec = prores_layer_spec_fn(args)
@@ -162,7 +181,7 @@ def configure_model_config(model_cfg, args):
 def attach_monitor(model_cfg, args):
     """The ``--prores-monitor-interval`` monitor (None when 0); call its ``before_forward(step,
     model.training)`` from the forward step."""
-    if args.prores_monitor_interval <= 0:
+    if not getattr(args, "prores_enabled", True) or args.prores_monitor_interval <= 0:
         return None
     from .training_monitor import TrainingMonitor
 

@@ -2,7 +2,8 @@
 
 Contract: ``AlphaLogger(args)(completed, step, model)`` writes alpha per layer, as the model's
 buffers hold it (gathered over the pipeline group, so every rank calls it), to the training log and
-to Megatron's TensorBoard/W&B writers on each launch's first step and every ``--log-interval``. ``TrainingMonitor`` is the optional
+a summary to Megatron's TensorBoard/W&B writers on each launch's first step and every
+``--prores-log-interval`` while a layer is still warming up, then once "warmup complete". ``TrainingMonitor`` is the optional
 in-training depth monitor (``--prores-monitor-interval N``): every N iterations the ProRes
 residuals of every layer are armed for one iteration (``monitoring.layer_stats.LayerMonitor``);
 when Megatron finalises that iteration's gradients (our wrapper around
@@ -13,7 +14,8 @@ then hands over the iteration's loss and global grad norm, and the last rank wri
     iteration Megatron skipped (``--iterations-to-skip``: no training_log) is written with
     ``"not_trained": true`` and no values when the next one is logged, and is no spike,
   - ``{"kind": "layers", ...}`` on monitored iterations: alpha, attention/MLP branch RMS (before
-    alpha), layer-output RMS and mean per-token L2 norm, per-layer gradient norm,
+    alpha), layer-output RMS and mean per-token L2 norm, per-layer gradient norm (under
+    ``--use-distributed-optimizer`` summed from each rank's shard of the reduced gradient),
   - ``{"kind": "spikes", ...}`` when training ends (online spike scores),
 to ``prores_monitor.jsonl`` next to the checkpoints (``--save``), to TensorBoard/W&B through
 Megatron's writers (``prores/<metric>/layer_NNN``) and a line in the training log.
@@ -26,50 +28,83 @@ import os
 import warnings
 
 from ..core.stepping import model_alphas
-from ..monitoring.layer_stats import LayerMonitor, layer_grad_sq, summarize
+from ..monitoring.layer_stats import LayerMonitor, layer_grad_sq, layer_grad_sq_sharded, summarize
 from ..monitoring.run_logs import MONITOR_FILE
+from .arguments import warmup_length
 
 
 class AlphaLogger:
-    """Writes alpha per layer to the training log and Megatron's TensorBoard/W&B writers: on the
-    first training step of every launch (a fresh start or a resume), then every --log-interval."""
+    """Writes alpha to the training log and Megatron's TensorBoard/W&B writers (docs/usage.md, "What the run logs"):
+    on the first training step of every launch (a fresh start or a resume), then every
+    ``--prores-log-interval`` (default ``--log-interval``) iterations while some layer is still
+    warming up, then once a line saying the warmup is complete, then nothing. Whether a layer is
+    still warming is schedule arithmetic on the host (the same on every rank), so an iteration that
+    logs nothing reads no buffer and syncs nothing; the logged values are read back from the model's
+    alpha buffers (``model_alphas``). TensorBoard/W&B get the summary (``prores/alpha_min``,
+    ``alpha_mean``, ``alpha_max``, ``layers_warming``, ``layers_fully_on``); per-layer scalars
+    (``prores/alpha/layer_NNN``) only with ``--prores-log-alpha-per-layer``."""
 
     def __init__(self, args):
+        from ..core.schedules import layer_full_step, needs_warmup_steps
+        from .arguments import warmup_length
+
         self.args = args
         self.last_logged = None
+        self.interval = getattr(args, "prores_log_interval", None) or args.log_interval
+        self.complete_said = False
+        T, self.unit, self.count_name = warmup_length(args)
+        L = args.num_layers
+        # The t from which every layer is at alpha = 1; None for a static schedule (nothing changes).
+        self.all_on = (max(layer_full_step(args.prores_schedule, l, T, L) for l in range(1, L + 1))
+                       if needs_warmup_steps(args.prores_schedule) else None)
 
     def __call__(self, completed: int, step: int, model) -> None:
-        """``completed``: optimizer steps done (``args.curr_iteration``); ``step``: ProRes's t;
-        ``model``: the model chunks, whose alpha buffers are read (not recomputed from the schedule)."""
+        """``completed``: optimizer steps done (``args.curr_iteration``); ``step``: ProRes's t (or s,
+        consumed samples); ``model``: the model chunks, whose alpha buffers are read."""
         args = self.args
         iteration = completed + 1  # the iteration this forward step computes (Megatron counts from 1)
         first = self.last_logged is None
-        if self.last_logged == iteration or (iteration % args.log_interval and not first):
+        if self.last_logged == iteration:
             return
+        warming = self.all_on is not None and step < self.all_on
+        completes = self.all_on is not None and not warming and not self.complete_said
+        if not (first or completes or (warming and iteration % self.interval == 0)):
+            return  # nothing logged: no buffer read, no collective, no host sync
         self.last_logged = iteration
         from megatron.training import get_tensorboard_writer, get_wandb_writer, print_rank_last
 
         table = model_alphas(model, args.num_layers)
+        L = len(table)
         full = sum(a == 1.0 for a in table)
-        launch = ""
-        if first:
-            T = args.prores_warmup_steps
-            launch = (f"first step of this launch: schedule {args.prores_schedule}, T = "
-                      f"{'n/a' if T is None else f'{T:g}'}, --prores-start-step "
-                      f"{getattr(args, 'prores_start_step', 0)} | ")
-        print_rank_last(
-            f" [ProRes] iteration {iteration:8d} | {launch}step t={step} | layers at alpha=1: "
-            f"{full}/{len(table)} | alpha per layer: " + " ".join(f"{a:.4g}" for a in table)
-        )
+        count = f"{'samples s' if self.unit == 'samples' else 'step t'}={step}"
+        if completes:
+            self.complete_said = True
+        if completes and not first:
+            print_rank_last(f" [ProRes] iteration {iteration:8d} | {count} | warmup complete: all {L} layers at "
+                            f"alpha = 1 from {self.count_name} = {self.all_on:g}; no more alpha lines")
+        else:
+            launch = ""
+            if first:
+                T = warmup_length(args)[0]
+                unit = "samples" if self.unit == "samples" else "steps"
+                launch = (f"first step of this launch: schedule {args.prores_schedule}, "
+                          f"{'S' if self.unit == 'samples' else 'T'} = {'n/a' if T is None else f'{T:g}'} {unit}, "
+                          f"--prores-start-step {getattr(args, 'prores_start_step', 0)} | ")
+            tail = " | warmup complete" if completes else ""
+            print_rank_last(
+                f" [ProRes] iteration {iteration:8d} | {launch}{count} | layers at alpha=1: "
+                f"{full}/{L} | alpha per layer: " + " ".join(f"{a:.4g}" for a in table) + tail
+            )
+        logs = {"prores/alpha_min": min(table), "prores/alpha_mean": sum(table) / L, "prores/alpha_max": max(table),
+                "prores/layers_warming": L - full, "prores/layers_fully_on": full}
+        if getattr(args, "prores_log_alpha_per_layer", False):
+            logs.update({f"prores/alpha/layer_{layer:03d}": a for layer, a in enumerate(table, start=1)})
         writer = get_tensorboard_writer()
         if writer is not None:
-            for layer, a in enumerate(table, start=1):
-                writer.add_scalar(f"prores/alpha/layer_{layer:03d}", a, iteration)
-            writer.add_scalar("prores/layers_fully_on", full, iteration)
+            for tag, value in logs.items():
+                writer.add_scalar(tag, value, iteration)
         wandb_writer = get_wandb_writer()
         if wandb_writer is not None:
-            logs = {f"prores/alpha/layer_{layer:03d}": a for layer, a in enumerate(table, start=1)}
-            logs["prores/layers_fully_on"] = full
             wandb_writer.log(logs, iteration)
 
 
@@ -96,7 +131,6 @@ class TrainingMonitor:
         self.spikes = None
         self.logged = {}
         self.file = None
-        self.warned_distopt = False
 
     @property
     def enabled(self) -> bool:
@@ -135,6 +169,7 @@ class TrainingMonitor:
             self.file = open(self.path, "a", encoding="utf-8")
             self._write({
                 "kind": "run", "schedule": a.prores_schedule, "warmup_steps": a.prores_warmup_steps,
+                "warmup_samples": getattr(a, "prores_warmup_samples", None),
                 "num_layers": a.num_layers, "arch": a.prores_arch, "init": a.prores_init,
                 "train_iters": a.train_iters, "monitor_interval": self.interval,
                 "spike": self.spike_config.as_dict(),
@@ -163,16 +198,12 @@ class TrainingMonitor:
             tp_group=ps.get_tensor_model_parallel_group(),
             sequence_parallel=a.sequence_parallel,
         )
-        grad_sq = None
+        pp, tp = ps.get_pipeline_model_parallel_group(), ps.get_tensor_model_parallel_group()
         if a.use_distributed_optimizer:
-            # The distributed optimizer reduce-scatters: no rank holds a layer's full gradient.
-            if not self.warned_distopt and self._is_writer():
-                warnings.warn("--prores-monitor-interval: per-layer gradient norms are not "
-                              "available with --use-distributed-optimizer; logged as null")
-            self.warned_distopt = True
+            # The distributed optimizer reduce-scatters: each rank sums its own shard, then all-reduce.
+            grad_sq = layer_grad_sq_sharded(self.model, a.num_layers, pp_group=pp, tp_group=tp)
         else:
-            grad_sq = layer_grad_sq(self.model, a.num_layers, pp_group=ps.get_pipeline_model_parallel_group(),
-                                    tp_group=ps.get_tensor_model_parallel_group())
+            grad_sq = layer_grad_sq(self.model, a.num_layers, pp_group=pp, tp_group=tp)
         self.pending = (self.armed_step, table, grad_sq)
         self.armed_step = None
 

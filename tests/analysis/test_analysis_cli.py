@@ -78,8 +78,8 @@ def tiny_run(tmp_path_factory):
 
 def test_plan_from_flags(tmp_path, capsys):
     png = tmp_path / "plan.png"
-    assert main(["plan", "--num-layers", "24", "--prores-warmup-steps", "1000", "--train-iters", "20000",
-                 "--png", str(png), "--json"]) == 0
+    assert main(["plan", "--num-layers", "24", "--prores-schedule", "linear", "--prores-warmup-steps", "1000",
+                 "--train-iters", "20000", "--png", str(png), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     plan = out["alpha_plan"]
     assert plan["full_step"] == [1000.0 * l for l in range(1, 25)]  # linear: layer l at T*l
@@ -89,7 +89,8 @@ def test_plan_from_flags(tmp_path, capsys):
     assert png_size(png) == WIDE
 
     # The total-warmup flag and the text output: P = 12 over L = 8 is T = 1.5, switching on fast.
-    assert main(["plan", "--num-layers", "8", "--prores-total-warmup-steps", "12", "--train-iters", "100",
+    assert main(["plan", "--num-layers", "8", "--prores-schedule", "linear", "--prores-total-warmup-steps", "12",
+                 "--train-iters", "100",
                  "--png", str(tmp_path / "p2.png"), "--all-layers"]) == 0
     text = capsys.readouterr().out
     assert "layer 1: 1.5 | layer 2: 3 | layer 3: 4.5" in text and "layer 8: 12" in text
@@ -97,10 +98,29 @@ def test_plan_from_flags(tmp_path, capsys):
     assert png_size(tmp_path / "p2.png") == WIDE
 
 
+def test_plan_prints_tokens_per_layer_and_counts_samples(tmp_path, capsys):
+    """The warmup in tokens per layer next to the paper's reference, by hand: 120 layers, T = 500,
+    global batch 512 x 4096 tokens = 1.048576 B tokens per layer = 2x 1000 x 512 x 1024; in samples
+    (S = 1000 x 4096 tokens) checked against --train-samples."""
+    assert main(["plan", "--num-layers", "120", "--prores-schedule", "linear", "--prores-warmup-steps", "500",
+                 "--global-batch-size", "512", "--seq-length", "4096", "--png", str(tmp_path / "a.png")]) == 0
+    text = capsys.readouterr().out
+    assert "warmup per layer: 1.05 B tokens = 2 x the paper's reference (T = 1000 steps x 512 sequences x " \
+           "1024 tokens = 0.52 B tokens per layer)" in text
+    assert main(["plan", "--num-layers", "8", "--prores-schedule", "linear", "--prores-warmup-samples", "1000",
+                 "--train-samples", "7000", "--seq-length", "4096", "--png", str(tmp_path / "b.png"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    plan = out["alpha_plan"]
+    assert plan["unit"] == "samples" and plan["full_step"][-1] == 8000.0
+    assert plan["tokens_per_layer"] == 1000 * 4096
+    assert any("warmup ends at 8000 samples but --train-samples is 7000: 2 of 8 layers" in w for w in out["warnings"])
+
+
 def test_plan_imports_neither_torch_nor_megatron(tmp_path):
     """A login node without the training stack can plan: the plan command stays pure Python."""
     code = ("import sys; from prores_megatron.analysis.cli import main;"
-            f"rc = main(['plan', '--num-layers', '8', '--prores-warmup-steps', '10', '--png', {str(tmp_path / 'p.png')!r}]);"
+            "rc = main(['plan', '--num-layers', '8', '--prores-schedule', 'linear', '--prores-warmup-steps', '10', "
+            f"'--png', {str(tmp_path / 'p.png')!r}]);"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron'));"
             "print('HEAVY', heavy); sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -111,9 +131,12 @@ def test_plan_imports_neither_torch_nor_megatron(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--prores-warmup-steps", "10"], "--num-layers is required"),
-    (["--num-layers", "8", "--prores-warmup-steps", "0"], "--prores-warmup-steps=0.0 must be a positive"),
+    (["--num-layers", "8", "--prores-schedule", "linear", "--prores-warmup-steps", "0"],
+     "--prores-warmup-steps=0.0 must be a positive"),
+    (["--num-layers", "8", "--prores-warmup-steps", "10"], "--prores-warmup-steps given without --prores-schedule"),
     (["--num-layers", "8", "--prores-schedule", "linear_sqrt", "--prores-warmup-steps", "4"], "--prores-schedule"),
-    (["--num-layers", "8"], "needs --prores-warmup-steps"),
+    (["--num-layers", "8", "--prores-schedule", "linear"], "needs --prores-warmup-steps"),
+    (["--num-layers", "8"], "--prores-schedule is required"),
     (["--from-script", "x.sh", "--num-layers", "8"], "drop --num-layers"),
     (["--from-script", "/nonexistent.sh"], "--from-script /nonexistent.sh: no such file"),
 ])

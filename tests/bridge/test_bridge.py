@@ -402,7 +402,7 @@ def saved_prores_checkpoint(tmp_path, iteration=3):
 def test_checkpoint_manager_loads_bridge_checkpoints_under_the_allow_list(tmp_path):
     from checkpoint.test_safe_unpickling import poison_metadata
 
-    from prores_megatron.bridge import ProResCheckpointManager
+    from prores_megatron.bridge import ProResCheckpointManager, ProResConfig, attach_prores
     from prores_megatron.checkpoint import UnsafePickleError
     from prores_megatron.core import set_prores_step
 
@@ -423,6 +423,12 @@ def test_checkpoint_manager_loads_bridge_checkpoints_under_the_allow_list(tmp_pa
     with pytest.raises(UnsafePickleError, match="posix.system|os.system") as err:
         manager.load(load_context(cfg, build(cfg)))
     assert str(it_dir / ".metadata") in str(err.value) and not marker.exists()
+    assert "--prores-trust-checkpoint" in str(err.value)  # the refusal names the way to load a trusted one
+    trusted = model_config()
+    attach_prores(trusted, ProResConfig(schedule="linear", warmup_steps=T, trust_checkpoint=True))
+    manager.load(load_context(trusted, build(trusted)))  # no allow-list: the payload runs, as the user chose
+    assert marker.exists()
+    marker.unlink()
     ReplayedLoad(it_dir).load(load_context(cfg, build(cfg)))  # control: Bridge's load steps alone
     assert marker.exists()  # ran the payload
     manager.save(load_context(cfg, fresh), None)
@@ -470,9 +476,26 @@ def test_checkpoint_manager_says_how_far_alpha_jumps_when_settings_change(tmp_pa
     text = resume(other)
     assert "--prores-warmup-steps 2 -> 4" in text and "layer 2: alpha 0.75 -> 0.375" in text
     assert "deepest layer 3: alpha 0.5 -> 0.25" in text
-    # A finetune from pretrained_checkpoint starts at iteration 0: alpha(l, 0) is 0 under both.
-    finetune = resume(other, load=str(tmp_path / "nothing"), pretrained_checkpoint=save)
+
+    # A finetune from pretrained_checkpoint starts at iteration 0, where alpha(l, 0) = 0: refused before
+    # anything is read, naming both ways out; with rewarm_pretrained it goes ahead (alpha 0 under both).
+    from prores_megatron.training.arguments import ProResArgumentError
+
+    with pytest.raises(ProResArgumentError, match=r"fine-tuning load .*ProResConfig\(schedule='none'\).*"
+                       r"rewarm_pretrained=True.*--prores-rewarm-pretrained"):
+        resume(other, load=str(tmp_path / "nothing"), pretrained_checkpoint=save)
+    rewarm = model_config()
+    attach_prores(rewarm, ProResConfig(schedule="linear", warmup_steps=4, rewarm_pretrained=True))
+    finetune = resume(rewarm, load=str(tmp_path / "nothing"), pretrained_checkpoint=save)
     assert "--prores-warmup-steps 2 -> 4" in finetune and "iteration 0" in finetune
+    # A release checkpoint (Megatron's tracker says 'release') is loaded at iteration 0 too.
+    (tmp_path / "release").mkdir()
+    (tmp_path / "release" / "latest_checkpointed_iteration.txt").write_text("release")
+    with pytest.raises(ProResArgumentError, match="a release checkpoint"):
+        resume(other, load=str(tmp_path / "release"))
+    static = model_config()
+    attach_prores(static, ProResConfig(schedule="none"))
+    resume(static, load=str(tmp_path / "nothing"), pretrained_checkpoint=save)  # no warmup to restart
 
 
 @dataclass

@@ -431,6 +431,22 @@ def test_start_step_shifts_the_folded_alpha(runs):
     assert any("--prores-start-step 2: alpha at t = 3 - 2 = 1" in n for n in notes)
 
 
+def test_sample_counted_warmup_folds_alpha_of_the_consumed_samples(runs):
+    """A run with --prores-warmup-samples 16 whose checkpoint consumed 24 samples folds
+    alpha(l) = min(24 / (16 l), 1) by hand: 1, 0.75, 0.5, 0.375, ..., whatever its iteration."""
+    from prores_megatron.export.llama_layout import ExportError, resolve_layout
+
+    args = saved_args(runs)
+    args.prores_warmup_steps, args.prores_warmup_samples, args.consumed_train_samples = None, 16.0, 24
+    layout, notes = resolve_layout(args, MID)
+    assert layout.step == 24
+    assert list(layout.alphas) == [min(24 / (16 * l), 1.0) for l in range(1, L + 1)]
+    assert any("--prores-warmup-samples 16: alpha at s = 24 consumed samples" in n for n in notes)
+    del args.consumed_train_samples
+    with pytest.raises(ExportError, match="no consumed_train_samples"):
+        resolve_layout(args, MID)
+
+
 def test_layout_refuses_every_setting_llama_cannot_compute(runs):
     from prores_megatron.export.llama_layout import _UNSUPPORTED, ExportError, resolve_layout
 

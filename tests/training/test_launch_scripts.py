@@ -155,6 +155,35 @@ def test_fp8_recipe_is_a_script_variable(dry_runs, name, recipe, history):
     assert dry_runs[name]["error"] is None
     assert argv[argv.index("--fp8-recipe") + 1] == recipe and argv[argv.index("--fp8-format") + 1] == "hybrid"
     assert ("--fp8-amax-history-len" in argv) == history
+    # Transformer Engine >= 2.20 refuses delayed scaling's pickled extra state on resume unless
+    # NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1: the dry run warns, naming it, for delayed only.
+    warned = [w for w in dry_runs[name]["report"]["warnings"] if "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1" in w]
+    assert bool(warned) == (recipe == "delayed"), dry_runs[name]["report"]["warnings"]
+
+
+def test_figures_in_the_scripts_readme_are_the_dry_runs(dry_runs):
+    """examples/scripts/README.md quotes the dry runs' memory estimates and warmup tokens; each figure
+    is the one the dry run prints (rounded as it prints them: GiB to 0.1, tokens to 3 digits)."""
+    import re
+
+    readme = (SCRIPTS / "README.md").read_text()
+    from prores_megatron.training.dry_run import format_report
+
+    for name in ("llama2_7b", "120l"):
+        report = dry_runs[name]["report"]
+        m = report["memory_estimate"]
+        printed = format_report(report)
+        weights, acts, total = (f"{m[k] / 1024:.1f}" for k in ("weight_and_optimizer_mb", "activation_mb", "total_mb"))
+        assert f"weights and optimizer {weights} GiB + activations {acts} GiB = {total} GiB" in printed
+        quoted = re.search(rf"<!-- dry run {name} -->(.*?)<!-- /dry run -->", readme, re.S)
+        assert quoted, f"examples/scripts/README.md: no figures marked for {name}"
+        text = " ".join(quoted.group(1).split())
+        assert f"{weights} GiB of weights and optimizer state + {acts} GiB of activations = {total} GiB" in text, text
+        tokens = report["alpha_plan"]["tokens_per_layer"]
+        assert f"{tokens / 1e9:.3g} B tokens per layer" in text, text
+    # The quoted figures, by hand from the flags: 7B T = 1000 x 1024 x 4096; 120 layers T = 500 x 512 x 4096.
+    assert dry_runs["llama2_7b"]["report"]["alpha_plan"]["tokens_per_layer"] == 1000 * 1024 * 4096
+    assert dry_runs["120l"]["report"]["alpha_plan"]["tokens_per_layer"] == 500 * 512 * 4096
 
 
 def test_optional_groups_pass_megatron_validation(dry_runs):
@@ -251,7 +280,7 @@ TINY = (
     "--hidden-size 64 --num-attention-heads 4 --seq-length 64 --max-position-embeddings 64 "
     "--micro-batch-size 1 --global-batch-size 8 --train-iters 100 --eval-interval 100 --lr 1e-3 "
     "--mock-data --tokenizer-type NullTokenizer --vocab-size 128 --transformer-impl local "
-    "--no-rope-fusion --distributed-backend gloo --prores-warmup-steps 10"
+    "--no-rope-fusion --distributed-backend gloo --prores-schedule linear --prores-warmup-steps 10"
 ).split()
 
 
@@ -358,6 +387,37 @@ def test_alpha_plan_warns_when_warmup_outlasts_the_run():
     assert plan["full_step"] == [20.0 * l for l in range(1, 9)] and plan["all_on_step"] == 160
     # t = 0..99 run; layer 5 would first be fully on at t = 100.
     assert any("4 of 8 layers never reach alpha = 1 (layers 5..8" in w for w in report["warnings"])
+
+
+def test_sample_counted_plan_and_tokens_per_layer():
+    """--prores-warmup-samples: the plan counts samples and is checked against --train-samples; the
+    warmup per layer in tokens, by hand: S x seq = 100 x 64 = 6400 (steps: T x batch x seq)."""
+    from prores_megatron.training import dry_run as dr
+    from prores_megatron.training.dry_run import format_report
+
+    def without(*pairs):
+        argv = list(TINY)
+        for flag in pairs:
+            i = argv.index(flag)
+            del argv[i:i + 2]
+        return argv
+
+    argv = without("--train-iters", "--prores-warmup-steps")
+    report = dr.run(["--dry-run-world-size=1", *argv, "--num-layers", "8", "--train-samples", "640",
+                     "--prores-warmup-samples", "100"])
+    plan = report["alpha_plan"]
+    assert plan["unit"] == "samples" and plan["full_step"] == [100.0 * l for l in range(1, 9)]
+    assert plan["tokens_per_layer"] == 100 * 64
+    # 800 samples to warm all 8 layers > 640: layers 7, 8 (700, 800) never reach alpha = 1.
+    assert any("warmup ends at 800 samples but --train-samples is 640: 2 of 8 layers never reach alpha = 1"
+               in w for w in report["warnings"]), report["warnings"]
+    text = format_report(report)
+    assert "S = 100 samples per layer" in text and "every layer at alpha = 1 from consumed samples 800" in text
+    assert "warmup per layer: 6.4e-06 B tokens = 1.22e-05 x the paper's reference" in text  # 6400 / 524288000
+    steps = dry_run("--num-layers 8", world=1)["alpha_plan"]
+    assert steps["tokens_per_layer"] == 10 * 8 * 64  # T x global batch x seq
+    off = dr.run(["--dry-run-world-size=1", *without("--prores-schedule", "--prores-warmup-steps"), "--num-layers", "8"])
+    assert "ProRes off (no --prores-schedule): the stock Megatron-LM model" in off["notes"]
 
 
 # ---- parameter count against models megatron-core actually builds --------------------------------
@@ -487,7 +547,7 @@ def test_patch_reads_every_prores_flag_through_the_shared_integration():
     code = added_code()
     assert "configure_model_config(model_cfg, args)" in code
     shared = "".join((ROOT / "prores_megatron" / "training" / name).read_text()
-                     for name in ("model_config.py", "resume_check.py"))
+                     for name in ("model_config.py", "resume_check.py", "arguments.py", "training_monitor.py"))
     entry = (ROOT / "prores_megatron" / "training" / "pretrain_gpt.py").read_text()
     assert "configure_model_config(gpt_config_from_args(args), args)" in entry
     readme = (ROOT / "patches" / "README.md").read_text()

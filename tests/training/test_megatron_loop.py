@@ -32,7 +32,7 @@ def hand_alpha(step):
 
 # The monitor is on (every 2 iterations) with a spike window short enough to judge steps 3..5.
 PRORES = (f"--prores-schedule linear --prores-warmup-steps {T:g} --prores-monitor-interval 2 "
-          "--prores-spike-window 4 --prores-spike-min-history 2")
+          "--prores-spike-window 4 --prores-spike-min-history 2 --prores-log-alpha-per-layer")
 
 
 def launch(tmp: Path, name: str, tp: int, pp: int, save: Path, exit_interval=None, extra=""):
@@ -99,6 +99,8 @@ def launches(tmp_path_factory):
         archs = {arch: pool.submit(_train_arch, dirs[arch], arch, init) for arch, init in ARCH_INIT}
         moe_dir = tmp_path_factory.mktemp("moe")
         moe = pool.submit(_train_moe, moe_dir)
+        samples_dir = tmp_path_factory.mktemp("samples_dp2")
+        samples = pool.submit(_samples_chain, samples_dir)
         resume = {}
         for name, chain in chains.items():
             first, resumed = chain.result()
@@ -107,7 +109,7 @@ def launches(tmp_path_factory):
             else:  # the straight run was the chain's first launch
                 resume[name] = dict(straight=first, first=None, resumed=resumed)
         return dict(tmp=tmps, resume=resume, arch={arch: (dirs[arch], archs[arch].result()) for arch in dirs},
-                    moe=(moe_dir, moe.result()))
+                    moe=(moe_dir, moe.result()), samples=(samples_dir, samples.result()))
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
@@ -150,7 +152,12 @@ def test_alpha_in_tensorboard_follows_the_schedule(runs):
     for run in (runs["straight"], runs["split"]):
         for iteration in range(1, ITERS + 1):
             got = [run[f"prores/alpha/layer_{l:03d}"][iteration] for l in range(1, L + 1)]
-            assert got == hand_alpha(iteration - 1), iteration
+            hand = hand_alpha(iteration - 1)
+            assert got == hand, iteration
+            # The summary written by default (TensorBoard stores float32).
+            assert run["prores/alpha_min"][iteration] == min(hand) and run["prores/alpha_max"][iteration] == max(hand)
+            assert run["prores/alpha_mean"][iteration] == pytest.approx(sum(hand) / L, rel=1e-6)
+            assert run["prores/layers_warming"][iteration] == sum(a < 1 for a in hand)
     # Mid-warmup at the stop: some layers on, some still ramping.
     assert 0 < hand_alpha(STOP).count(1.0) < L
 
@@ -270,3 +277,60 @@ def test_moe_through_megatron_lm_at_alpha_zero(launches):
     steps = {r["iteration"]: r for r in records if r["kind"] == "step"}
     assert sorted(steps) == [1, 2, 3, 4] and steps[3]["not_trained"] and steps[3]["lm_loss"] is None
     assert [r for r in records if r["kind"] == "spikes"]  # the monitor finished the run
+
+
+# A sample-counted warmup at DP2 under a batch-size ramp-up (--step-batch-size-schedule; megatron-core
+# 0.19 ignores the deprecated --rampup-batch-size): micro-batch 2 x DP 2, global batch 4 until 512
+# tokens (8 samples of 64 tokens), then 8; 40 samples = 6 iterations consuming 4, 4, 8, 8, 8, 8.
+SAMPLES_PRORES = "--prores-schedule linear --prores-warmup-samples 8 --prores-monitor-interval 1"
+
+
+def _train_samples(tmp: Path, name: str, extra: str, save: Path, exit_interval=None):
+    env = dict(os.environ, PYTHON=sys.executable, TP="1", PP="1", DP="2", TRAIN_SAMPLES="40",
+               BATCH_SCHEDULE="0:4 512:8", SAVE_DIR=str(save), PRORES_ARGS=SAMPLES_PRORES,
+               MASTER_PORT=str(free_port()))
+    env["EXTRA_ARGS"] = f"--eval-interval 1000 --eval-iters 1 --tensorboard-dir {tmp / ('tb_' + name)} {extra}"
+    if exit_interval:
+        env["EXIT_INTERVAL"] = str(exit_interval)
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
+    (tmp / f"{name}.log").write_text(proc.stdout + proc.stderr)
+    return proc
+
+
+def _samples_chain(tmp: Path):
+    """The distributed optimizer straight through (it cannot resume on CPU: docs/megatron.md §4), and
+    the plain DDP run stopped after 3 iterations and resumed."""
+    dist = _train_samples(tmp, "dist", "--use-distributed-optimizer --save-interval 1000", tmp / "ckpt_dist")
+    first = _train_samples(tmp, "first", "--save-interval 1000", tmp / "ckpt_plain", exit_interval=3)
+    resumed = _train_samples(tmp, "resumed", "--save-interval 1000", tmp / "ckpt_plain")
+    return dict(dist=dist, first=first, resumed=resumed)
+
+
+def test_sample_counted_warmup_under_ramp_up_and_distributed_optimizer(launches):
+    """Item by item, against hand values and the same run without the distributed optimizer:
+    - alpha(l) = min(s / (8 l), 1) with s = 0, 4, 8, 16, 24, 32 (the samples of completed steps under
+      the ramp-up) at iterations 1..6, read from the model's buffers by the monitor, also after the
+      resume at 3 (s restored from the checkpoint);
+    - per-layer gradient norms under --use-distributed-optimizer (each rank's shard, all-reduced)
+      equal those of plain DDP to float rounding (relative 1e-6; Megatron's own global grad norms of
+      the two runs differ by the same order), where the monitor used to log null."""
+    tmp, procs = launches["samples"]
+    for name, proc in procs.items():
+        assert proc.returncode == 0, (name, (proc.stdout + proc.stderr)[-4000:])
+    s_hand = [0, 4, 8, 16, 24, 32]
+    # Both launches append to one file.
+    plain = {r["iteration"]: r for r in read_jsonl(tmp / "ckpt_plain" / "prores_monitor.jsonl") if r["kind"] == "layers"}
+    dist = {r["iteration"]: r for r in read_jsonl(tmp / "ckpt_dist" / "prores_monitor.jsonl") if r["kind"] == "layers"}
+    assert sorted(plain) == sorted(dist) == list(range(1, 7))
+    for i, s in enumerate(s_hand, start=1):
+        hand = [torch.tensor(min(s / (8.0 * l), 1.0), dtype=torch.float32).item() for l in range(1, L + 1)]
+        assert plain[i]["alpha"] == hand and dist[i]["alpha"] == hand, (i, s)
+        if i == 1:  # alpha = 0: the layers' gradients are exactly zero, in both runs
+            assert dist[i]["grad_norm"] == plain[i]["grad_norm"] == [0.0] * L
+            continue
+        assert dist[i]["grad_norm"] is not None and all(g > 0 for g in dist[i]["grad_norm"]), i
+        assert dist[i]["grad_norm"] == pytest.approx(plain[i]["grad_norm"], rel=1e-6, abs=0), i
+    log = procs["resumed"].stdout + procs["resumed"].stderr
+    assert re.search(r"\[ProRes\] iteration\s+4 \| first step of this launch: schedule linear, S = 8 samples, "
+                     r"--prores-start-step 0 \| samples s=16 ", log), log[-3000:]
+    assert re.findall(r"consumed samples:\s+(\d+)", procs["dist"].stdout) == ["4", "8", "16", "24", "32", "40"]

@@ -13,6 +13,7 @@ for linear T = 1 over L = 8 layers (alpha(l, t) = min(t / l, 1)):
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def log_of(proc: subprocess.CompletedProcess, ok: bool = True) -> str:
 @pytest.fixture(scope="module")
 def vanilla(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume_settings")
-    log = log_of(launch(tmp / "vanilla", "--prores-schedule none", exit_interval=SAVED))
+    log = log_of(launch(tmp / "vanilla", "", exit_interval=SAVED))  # no --prores-* flag: ProRes off, stock
     assert (tmp / "vanilla" / f"iter_{SAVED:07d}").is_dir()
     return tmp, log
 
@@ -57,7 +58,9 @@ def vanilla(tmp_path_factory):
 RESUMES = {
     "on": ("--prores-schedule linear --prores-warmup-steps 1", ""),
     "start": (f"--prores-schedule linear --prores-warmup-steps 1 --prores-start-step {SAVED}", "--prores-monitor-interval 1"),
-    "same": ("--prores-schedule none", ""),
+    "same": ("", ""),
+    # A trained checkpoint fine-tuned (iteration 0) with a time-dependent schedule: refused before work.
+    "finetune": ("--prores-schedule linear --prores-warmup-steps 1", "--finetune"),
     "crafted": ("--prores-schedule none", ""),  # its .metadata edited first (_craft)
     "vocab": ("--prores-schedule none", "--make-vocab-size-divisible-by 1024"),
 }
@@ -116,11 +119,27 @@ def test_start_step_starts_the_warmup_at_the_resume_point(resumes):
     assert "step t=0 " in log and f"--prores-start-step {SAVED} |" in log
 
 
-def test_an_unchanged_resume_says_nothing(vanilla, resumes):
+def test_without_prores_flags_the_run_is_stock(vanilla, resumes):
+    """No --prores-* flag (the vanilla run and its resume): ProRes is off, nothing of it is installed
+    (no alpha lines, no coverage check, no resume check); the model is stock Megatron-LM's
+    (tests/training/test_stock_spec_parity.py compares it, bit for bit, with Megatron's own build)."""
     _, first_log = vanilla
     _, log = resumed(resumes, "same")
-    assert warning_of(log) is None and warning_of(first_log) is None
-    assert " [ProRes] iteration        5 | first step of this launch: schedule none" in log
+    for text in (first_log, log):
+        assert "ProRes: off (no --prores-schedule): the stock Megatron-LM model and loop" in text
+        assert "[ProRes]" not in text and "coverage check" not in text and warning_of(text) is None
+    assert re.search(r"iteration\s+4/\s+6 \|.*lm loss", first_log)  # it trained (--log-interval 4)
+
+
+def test_fine_tuning_with_a_warmup_is_refused_before_training(resumes):
+    """--finetune on the vanilla checkpoint with linear: exit 2 before distributed initialisation,
+    naming the flags and both choices; nothing is written to the checkpoint directory."""
+    save, proc = resumes[0]["finetune"]
+    log = log_of(proc, ok=False)
+    assert proc.returncode != 0 and "error: --prores-schedule linear with --finetune (loading" in log, log[-3000:]
+    assert "--prores-schedule none" in log and "--prores-rewarm-pretrained" in log
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == str(SAVED)
+    assert "iteration        1/" not in log
 
 
 def test_resume_changes_names_each_difference(monkeypatch):

@@ -197,3 +197,42 @@ def test_moe_at_alpha_zero_only_the_router_learns_from_the_aux_loss(monkeypatch,
             assert g is None or torch.count_nonzero(g) == 0, name
     assert all((torch.count_nonzero(g) > 0) == (aux != "0") for g in aux_path.values()), aux
     assert model.output_layer.weight.grad.abs().sum() > 0  # the embedding -> head path learns
+
+
+@pytest.mark.usefixtures("mcore_world1")
+def test_without_prores_flags_the_entry_point_builds_and_trains_the_stock_model(monkeypatch):
+    """ProRes is opt-in: a command line with no --prores-* flag goes through the entry point's
+    configure_model_config / attach_monitor (as pretrain_gpt.main and the patch call them) and comes
+    out untouched: no layer spec (Megatron-LM's builder picks its own), no hooks, no wrapped loop
+    functions. Built from one seed it equals Megatron-LM's own build (no ProRes module anywhere) and
+    trains bit for bit like it."""
+    from megatron.training import training
+    from megatron.training.argument_utils import gpt_config_from_args
+
+    from prores_megatron.core.residual_scale import ProResBiasDropoutAdd
+    from prores_megatron.training.model_config import attach_monitor, configure_model_config
+
+    args = parse(monkeypatch, [], [])
+    assert args.prores_enabled is False
+    loop = {name: getattr(training, name) for name in ("train_step", "evaluate_and_print_results",
+                                                       "load_checkpoint", "training_log")}
+    cfg = gpt_config_from_args(args)
+    hooks = (list(cfg.pre_wrap_hooks), list(cfg.post_wrap_hooks))
+    assert configure_model_config(cfg, args) is cfg and attach_monitor(cfg, args) is None
+    assert cfg.transformer_layer_spec is None and (cfg.pre_wrap_hooks, cfg.post_wrap_hooks) == hooks
+    assert all(getattr(training, name) is fn for name, fn in loop.items())
+
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(1)
+    model_parallel_cuda_manual_seed(1, force_reset_rng=True)
+    entry = cfg.get_builder_cls()(cfg).build_model(ProcessGroupCollection.use_mpu_process_groups(),
+                                                   pre_process=True, post_process=True)
+    stock = build(parse(monkeypatch, [], []), prores=False)
+    assert classes(entry) == classes(stock)
+    assert not any(isinstance(m, ProResBiasDropoutAdd) for m in entry.modules())
+    for key, value in stock.state_dict().items():
+        if torch.is_tensor(value):
+            assert torch.equal(entry.state_dict()[key], value), key
+    assert two_iterations(entry, None) == two_iterations(stock, None)  # bit for bit
