@@ -247,7 +247,9 @@ def demo_summary(prores: dict, baseline: dict, benchmark: dict, depth: int, sett
              f"{r['val_tokens']:,} held-out tokens)" for name, r in (("prores", prores), ("baseline", baseline))]
     lines.append(f"ProRes - baseline: {d:+.4f} (standard error of this difference on these tokens {se:.4f}); "
                  "negative = ProRes better")
-    row = next((r for r in benchmark.get("rows", []) if r["depth"] == depth), None)
+    # Seeds pooled over several sweeps of this recipe (benchmarks/pool_seeds.py) when there are any.
+    row = next((r for r in benchmark.get("pooled", []) if r["depth"] == depth), None) or next(
+        (r for r in benchmark.get("rows", []) if r["depth"] == depth), None)
     same = {k: benchmark.get("settings", {}).get(k) for k in settings} == settings
     if row is None or not same:
         lines.append(f"benchmarks/bench_depth.py has no measurement for these settings ({depth} layers, {settings}); "

@@ -126,15 +126,7 @@ prores_perf_args "$TP"
 prores_data_args "$NAME"
 prores_profile_args
 
-MODEL_ARGS=(
-    --hidden-size 512 --ffn-hidden-size 1368 --num-attention-heads 8
-    --seq-length 1024 --max-position-embeddings 1024
-    --position-embedding-type rope --rotary-base 10000 --rotary-percent 1.0
-    --swiglu --normalization RMSNorm --norm-epsilon 1e-5
-    --untie-embeddings-and-output-weights --disable-bias-linear
-    --attention-dropout 0.0 --hidden-dropout 0.0 --init-method-std 0.02
-    --transformer-impl transformer_engine --attention-backend auto
-)
+prores_llama_args 512 1368 8 1024
 TRAINING_ARGS=(
     --micro-batch-size "${MICRO_BATCH_SIZE:-8}" --global-batch-size "${GLOBAL_BATCH_SIZE:-512}"
     --train-iters "$TRAIN_ITERS" --seed "${SEED:-1234}"

@@ -21,6 +21,21 @@ prores_run_dir() {
     TENSORBOARD_LOGS_PATH=${TENSORBOARD_LOGS_PATH:-$RUN_DIR/tensorboard}
 }
 
+# The Llama architecture the GPU scripts train (RoPE, SwiGLU, RMSNorm, no biases, untied embeddings,
+# Transformer Engine layers): `prores_llama_args HIDDEN FFN HEADS SEQ` sets MODEL_ARGS, without
+# --num-layers (each script adds its depth).
+prores_llama_args() {
+    MODEL_ARGS=(
+        --hidden-size "$1" --ffn-hidden-size "$2" --num-attention-heads "$3"
+        --seq-length "$4" --max-position-embeddings "$4"
+        --position-embedding-type rope --rotary-base 10000 --rotary-percent 1.0
+        --swiglu --normalization RMSNorm --norm-epsilon 1e-5
+        --untie-embeddings-and-output-weights --disable-bias-linear
+        --attention-dropout 0.0 --hidden-dropout 0.0 --init-method-std 0.02
+        --transformer-impl transformer_engine --attention-backend auto
+    )
+}
+
 # DTYPE_ARGS from FP8_RECIPE:
 #   tensorwise [default]  bf16 + FP8 hybrid (E4M3 forward, E5M2 gradients), TE current scaling (TE >= 2.2)
 #   delayed               bf16 + FP8 hybrid, TE delayed scaling (amax history 1024, max)

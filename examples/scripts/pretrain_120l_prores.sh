@@ -65,15 +65,8 @@ PRORES_SCHEDULE=${PRORES_SCHEDULE:-linear}
 PRORES_WARMUP_STEPS=${PRORES_WARMUP_STEPS:-500}
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"
 
-MODEL_ARGS=(
-    --num-layers 120 --hidden-size 2048 --ffn-hidden-size 5632 --num-attention-heads 16
-    --seq-length 4096 --max-position-embeddings 4096
-    --position-embedding-type rope --rotary-base 10000 --rotary-percent 1.0
-    --swiglu --normalization RMSNorm --norm-epsilon 1e-5
-    --untie-embeddings-and-output-weights --disable-bias-linear
-    --attention-dropout 0.0 --hidden-dropout 0.0 --init-method-std 0.02
-    --transformer-impl transformer_engine --attention-backend auto
-)
+prores_llama_args 2048 5632 16 4096
+MODEL_ARGS=(--num-layers 120 "${MODEL_ARGS[@]}")
 TRAINING_ARGS=(
     --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
     --train-iters "$TRAIN_ITERS"

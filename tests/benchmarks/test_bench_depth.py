@@ -144,3 +144,27 @@ def test_demo_summary_makes_no_claim_from_three_seeds():
     text = "\n".join(lines)
     assert "ProRes - baseline: -0.0500" in text and "not distinguishable from seed spread (3 seeds" in text
     assert "better" not in text.replace("negative = ProRes better", "")
+
+
+def test_pooled_seeds_give_the_interval_over_all_of_them(tmp_path):
+    import pool_seeds
+
+    settings = {"iters": 300, "t_rule": "paper", "lr": 3e-3}
+    base = {"settings": settings, "rows": [{"depth": 48, "seeds": [1, 2], "deltas": [-0.1, 0.1]}]}
+    more = {"settings": settings, "rows": [{"depth": 48, "seeds": [3], "deltas": [0.3]}]}
+    row = pool_seeds.pool(base, [("more", more)], 48, ["hand"])
+    # By hand: mean 0.1, sample sd 0.2, se 0.2 / sqrt(3), t(0.975, 2) = 4.3027: half-width 0.4968.
+    m, h, n = row["delta"]
+    assert (row["seeds"], n, row["wins"]) == ([1, 2, 3], 3, 1)
+    assert abs(m - 0.1) < 1e-12 and abs(h - 4.302653 * 0.2 / 3 ** 0.5) < 1e-5
+    assert row["verdict"].startswith("not distinguishable from seed spread (3 seeds")
+    with pytest.raises(SystemExit, match="seed 2 at 48 layers appears twice"):
+        pool_seeds.pool(base, [("dup", {"settings": settings, "rows": [{"depth": 48, "seeds": [2], "deltas": [0]}]})],
+                        48, [])
+    with pytest.raises(SystemExit, match="only sweeps of the same recipe pool"):
+        pool_seeds.pool(base, [("lr", {**more, "settings": {**settings, "lr": 1e-2}})], 48, [])
+    # The demo's summary prefers the pooled row.
+    prores = {"val_loss": 6.1, "val_se": 0.01, "val_tokens": 10, "window_losses": [6.1, 6.2]}
+    baseline = {"val_loss": 6.0, "val_se": 0.01, "val_tokens": 10, "window_losses": [6.0, 6.1]}
+    text = "\n".join(depth_report.demo_summary(prores, baseline, {**base, "pooled": [row]}, 48, settings))
+    assert "3 seeds at 48 layers" in text and "+0.1000 ± 0.4968" in text

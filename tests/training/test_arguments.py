@@ -161,9 +161,15 @@ def test_entry_point_refuses_before_any_work(tmp_path):
     assert "error: --prores-schedule linear warms layers up over time and needs --prores-warmup-steps" in proc.stderr
     assert not save.exists()
     # Megatron-LM pretrain_gpt.py features this entry point lacks are refused by name (docs/megatron.md §3).
-    proc = subprocess.run([*cmd, "--sft"], env=env, capture_output=True, text=True, timeout=300)
+    # --inprocess-restart is honoured as in Megatron-LM's pretrain_gpt.py: its wrapper runs first (here,
+    # without nvidia-resiliency-ext, it says so and trains unwrapped, as upstream does), never dropped.
+    from prores_megatron.utils import free_port
+
+    env["MASTER_PORT"] = str(free_port())
+    proc = subprocess.run([*cmd, "--sft", "--inprocess-restart"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "error: --sft: SFT datasets" in proc.stderr and "with the ProRes patch" in proc.stderr
+    assert "In-process restart is not available" in proc.stdout + proc.stderr
     assert not save.exists()
 
 

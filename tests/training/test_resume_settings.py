@@ -62,6 +62,7 @@ RESUMES = {
     # A trained checkpoint fine-tuned (iteration 0) with a time-dependent schedule: refused before work.
     "finetune": ("--prores-schedule linear --prores-warmup-steps 1", "--finetune"),
     "crafted": ("--prores-schedule none", ""),  # its .metadata edited first (_craft)
+    "trusted": ("--prores-schedule none --prores-trust-checkpoint", ""),  # crafted too, loaded trusting it
     "vocab": ("--prores-schedule none", "--make-vocab-size-divisible-by 1024"),
 }
 
@@ -74,6 +75,7 @@ def resumes(vanilla):
     for name in RESUMES:
         shutil.copytree(tmp / "vanilla", tmp / name)
     marker = _craft(tmp / "crafted", tmp / "marker")
+    _craft(tmp / "trusted", tmp / "marker_trusted")
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(launch, tmp / name, *flags) for name, flags in RESUMES.items()}
         return {name: (tmp / name, futures[name].result()) for name in RESUMES}, marker
@@ -192,7 +194,18 @@ def test_resuming_a_crafted_checkpoint_runs_no_code(resumes):
     (_, proc), marker = resumes[0]["crafted"], resumes[1]
     log = log_of(proc, ok=False)
     assert f"{os.system.__module__}.system" in log and "UnsafePickleError" in log, log[-3000:]
+    assert "--prores-trust-checkpoint" in log  # the refusal names the way to load a checkpoint one trusts
     assert not marker.exists()
+
+
+def test_a_trusted_checkpoint_loads_without_the_allow_list(resumes):
+    """--prores-trust-checkpoint: Megatron-LM's load_checkpoint unpickles without the allow-list, and the
+    start-up log says so loudly. Shown on a crafted copy: its pickle's command does run."""
+    save, proc = resumes[0]["trusted"]
+    log = proc.stdout + proc.stderr
+    assert "WARNING: ProRes: --prores-trust-checkpoint: checkpoints are unpickled WITHOUT the allow-list" in log
+    assert "UnsafePickleError" not in log
+    assert (save.parent / "marker_trusted").exists(), log[-3000:]
 
 
 def test_a_resume_that_pads_the_vocabulary_differently_is_refused(resumes):
