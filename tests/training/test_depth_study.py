@@ -14,13 +14,13 @@ all on at 6,000 = 60 % of the run, the paper's 60k of 100k.
 
 import json
 import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
 
 import pytest
+from stubs import recording_stub
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "scripts" / "depth_study_gpu.sh"
@@ -29,21 +29,11 @@ ALL_ON = {24: 24_000, 48: 48_000, 72: 72_000, 96: 48_000, 120: 60_000}  # T·L, 
 h, F, V = 512, 1368, 32000
 
 
-def stub(path: Path) -> Path:
-    """An interpreter that prints its arguments as one JSON line, and CUDA_DEVICE_MAX_CONNECTIONS."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    code = ("import json, os, sys; print(json.dumps(dict(argv=sys.argv[1:], "
-            "cuda=os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS'))))")
-    path.write_text(f'#!/bin/sh\nexec {sys.executable} -I -S -c "{code}" "$@"\n')
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    return path
-
-
 def script(tmp: Path, *args, **env):
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("SLURM_", "MASTER_", "NNODES", "NODE_RANK", "GPUS_PER_NODE", "RUN_DIR", "DRY_RUN",
                                  "BUDGET", "DEPTHS", "VARIANTS"))}
-    base.update(PYTHON=str(stub(tmp / "stub" / "python")), MOCK="1", OMP_NUM_THREADS="1")
+    base.update(PYTHON=str(recording_stub(tmp / "stub" / "python")), MOCK="1", OMP_NUM_THREADS="1")
     base.update(env)
     return subprocess.run(["bash", str(SCRIPT), *args], env=base, capture_output=True, text=True, timeout=120)
 
@@ -73,7 +63,7 @@ def dry_runs(tmp_path_factory):
     for call, (L, variant) in zip(calls, [(L, v) for L in DEPTHS for v in ("prores", "baseline")], strict=True):
         argv = call["argv"]
         assert argv[:2] == ["-m", "prores_megatron.training.dry_run"]
-        with mock.patch.dict(os.environ, {"CUDA_DEVICE_MAX_CONNECTIONS": call["cuda"] or ""}):
+        with mock.patch.dict(os.environ, {"CUDA_DEVICE_MAX_CONNECTIONS": call["cuda_device_max_connections"] or ""}):
             try:
                 report = json.loads(json.dumps(dr.run(argv[2:])))
             except dr.DryRunError as err:
@@ -185,7 +175,7 @@ def test_launch_runs_each_configuration_and_skips_finished_ones(tmp_path):
     assert [flag(c["argv"], "--save") for c in calls] == [str(run_dir / f"L{L}_{v}" / "checkpoints") for L, v in
                                                          (("24", "baseline"), ("48", "prores"), ("48", "baseline"))]
     for c in calls:
-        assert c["argv"][:2] == ["-m", "torch.distributed.run"] and c["cuda"] == "1"
+        assert c["argv"][:2] == ["-m", "torch.distributed.run"] and c["cuda_device_max_connections"] == "1"
         assert flag(c["argv"], "--data-cache-path") == str(run_dir / "data_cache")  # one index cache for all
 
 

@@ -10,13 +10,13 @@ import argparse
 import json
 import os
 import re
-import stat
 import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
 
 import pytest
+from stubs import recording_stub
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "examples" / "scripts"
@@ -44,17 +44,6 @@ def script_env(tmp: Path, extra: dict) -> dict:
                TENSORBOARD_LOGS_PATH=str(tmp / "tb"), SAVE_DIR=str(tmp / "ckpt"))
     env.update(extra)
     return env
-
-
-def recording_stub(path: Path) -> Path:
-    """An executable that prints its argv and CUDA_DEVICE_MAX_CONNECTIONS as JSON, in place of a
-    launcher or interpreter."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    code = ("import json, os, sys; print(json.dumps(dict(argv=sys.argv[1:], "
-            "cuda_device_max_connections=os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS'))))")
-    path.write_text(f'#!/bin/sh\nexec {sys.executable} -I -S -c "{code}" "$@"\n')
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    return path
 
 
 @pytest.fixture(scope="module")
