@@ -17,8 +17,8 @@ setup(
     # environment gets the pinned stack from tools/setup_env.sh, or from the [megatron] extra.
     install_requires=["numpy"],
     extras_require={
-        "megatron": ["megatron-core>=0.19.2,<0.20"],
-        "training": ["megatron-core[training]>=0.19.2,<0.20"],
+        "megatron": ["megatron-core>=0.19.0,<0.20"],
+        "training": ["megatron-core[training]>=0.19.0,<0.20"],
         "hf": ["transformers", "safetensors", "sentencepiece"],
         "test": ["pytest"],
     },

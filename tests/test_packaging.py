@@ -15,7 +15,7 @@ def test_no_torch_or_megatron_core_requirement_by_default():
     names = {re.split(r"[\s;<>=!~\[]", r, maxsplit=1)[0].lower() for r in base}
     assert not names & {"torch", "megatron-core", "megatron_core"}, base
     # The fresh-environment path: the [megatron] extra pins the supported range.
-    assert any(r.startswith("megatron-core") and ">=0.19.2" in r and "<0.20" in r and 'extra == "megatron"' in r
+    assert any(r.startswith("megatron-core") and ">=0.19.0" in r and "<0.20" in r and 'extra == "megatron"' in r
                for r in reqs), reqs
 
 
@@ -33,14 +33,16 @@ def _import_compat_with(tmp_path, version):
 
 
 def test_unsupported_megatron_core_is_refused_at_import(tmp_path):
-    for version in ("0.18.0", "0.20.0rc0", "0.19.1"):
+    for version in ("0.18.0", "0.20.0rc0", "0.18.9"):
         proc = _import_compat_with(tmp_path, version)
         assert proc.returncode == 1, proc.stderr[-2000:]
-        assert (f"supports megatron-core >=0.19.2,<0.20, but the megatron-core imported here is {version}"
+        assert (f"supports megatron-core >=0.19.0,<0.20, but the megatron-core imported here is {version}"
                 in proc.stderr), proc.stderr[-2000:]
-    # 0.19.3 passes the check and goes on to import the (fake, empty) megatron.core's modules.
-    proc = _import_compat_with(tmp_path, "0.19.3")
-    assert "supports megatron-core" not in proc.stderr and "parallel_state" in proc.stderr, proc.stderr[-2000:]
+    # 0.19.1 (Megatron-LM's core_r0.19.0 branch, the patch's target) and 0.19.3 pass the check and go on
+    # to import the (fake, empty) megatron.core's modules.
+    for version in ("0.19.1", "0.19.3"):
+        proc = _import_compat_with(tmp_path, version)
+        assert "supports megatron-core" not in proc.stderr and "parallel_state" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_import_prores_megatron_loads_neither_torch_nor_megatron():

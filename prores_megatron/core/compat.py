@@ -11,7 +11,9 @@ Targets megatron-core 0.19.2.
 import torch
 
 MEGATRON_CORE_TARGET = "0.19.2"
-SUPPORTED_MEGATRON_CORE = (">=0.19.2", "<0.20")  # setup.py's [megatron] extra says the same
+SUPPORTED_MEGATRON_CORE = (">=0.19.0", "<0.20")  # setup.py's extras say the same
+# The 0.19 line: the pinned wheel (0.19.2) and Megatron-LM's core_r0.19.0 branch and core_v0.19.0 tag,
+# which the patch in patches/ targets and whose package_info reports 0.19.1 and 0.19.0.
 
 
 def check_megatron_core_version(version: str, where: str = "") -> None:
@@ -21,7 +23,7 @@ def check_megatron_core_version(version: str, where: str = "") -> None:
 
     match = re.match(r"(\d+)\.(\d+)\.(\d+)", str(version))
     parts = tuple(int(x) for x in match.groups()) if match else None
-    if parts is None or not (0, 19, 2) <= parts < (0, 20, 0):
+    if parts is None or not (0, 19, 0) <= parts < (0, 20, 0):
         raise ImportError(
             f"prores-megatron supports megatron-core {','.join(SUPPORTED_MEGATRON_CORE)}, but the megatron-core "
             f"imported here is {version}{f' ({where})' if where else ''}. Run it with a supported megatron-core "
