@@ -18,7 +18,7 @@ The T rule (``--t-rule``; docs/benchmarks.md §5):
   fixed:X  T = X at every depth (refused when X*L exceeds the run).
 
     python benchmarks/bench_depth.py [--depths 8 16 32 48 64] [--seeds 1 2 3] [--iters 300]
-        [--t-rule paper] [--lr 3e-3] [--out runs/bench_depth] [--jobs 2]
+        [--t-rule paper] [--lr 3e-3] [--lr-warmup-iters N] [--out runs/bench_depth] [--jobs 2]
 """
 
 import argparse
@@ -74,6 +74,8 @@ def run_settings(depth, seed, variant, a):
          "min_lr": a.lr / 10, "hidden": HIDDEN, "seq": SEQ, "split": SPLIT}
     if variant == "prores":
         s["T"] = round(warmup_steps(a.t_rule, a.iters, depth), 6)
+    if getattr(a, "lr_warmup_iters", None) is not None:  # only when given: the default's runs keep their cache keys
+        s["lr_warmup_iters"] = a.lr_warmup_iters
     return s
 
 
@@ -99,7 +101,7 @@ def train_command(s, run_dir: Path, data: Path, python: str):
         # digits), at a third fewer kernel launches per step on one thread.
         "--micro-batch-size", "16", "--global-batch-size", "16", "--train-iters", str(n), "--seed", str(s["seed"]),
         "--lr", repr(s["lr"]), "--min-lr", repr(s["min_lr"]), "--lr-decay-style", "cosine",
-        "--lr-warmup-iters", str(max(1, n // 10)),
+        "--lr-warmup-iters", str(s.get("lr_warmup_iters", max(1, n // 10))),
         "--weight-decay", "0.1", "--adam-beta1", "0.9", "--adam-beta2", "0.95", "--clip-grad", repr(CLIP_GRAD),
         "--distributed-backend", "gloo", "--transformer-impl", "local", "--use-cpu-initialization", "--num-workers", "0",
         "--no-rope-fusion", "--no-persist-layer-norm", "--no-gradient-accumulation-fusion",
@@ -216,6 +218,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr-warmup-iters", type=int, default=None,
+                   help="learning-rate warmup steps (default: a tenth of --iters)")
     p.add_argument("--t-rule", default="paper", help="paper | share:F | fixed:X (module docstring)")
     p.add_argument("--variants", nargs="+", choices=depth_report.VARIANTS, default=list(depth_report.VARIANTS))
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_depth")
@@ -256,7 +260,7 @@ def main(argv=None):
         "description": (
             f"{len(results)} runs: depths {', '.join(map(str, sorted(a.depths)))}, seeds {', '.join(map(str, a.seeds))}, "
             f"width {HIDDEN}, batch 16 x {SEQ} tokens, {a.iters} steps ({a.iters * 16 * SEQ:,} tokens) at every depth, "
-            f"lr {a.lr:g} cosine to {a.lr / 10:g}, ProRes linear with T rule `{a.t_rule}`, through Megatron-LM's loop on CPU "
+            f"lr {a.lr:g} ({a.lr_warmup_iters if a.lr_warmup_iters is not None else max(1, a.iters // 10)} warmup steps) cosine to {a.lr / 10:g}, ProRes linear with T rule `{a.t_rule}`, through Megatron-LM's loop on CPU "
             f"(one process and one thread per run, {a.jobs} at a time). Validation: {rows and results[0]['val_tokens']:,} "
             f"tokens of held-out documents {facts['val_lo']}–{facts['val_hi'] - 1} of {facts['documents']} "
             f"(`--split {','.join(map(str, SPLIT))}`). Plateau exit: the first step whose 10-step mean training loss is "
@@ -267,7 +271,8 @@ def main(argv=None):
     report_dir = a.report_dir or a.out / "report"
     written = depth_report.write_report(report_dir, rows, results, meta)
     (report_dir / "summary.json").write_text(json.dumps(
-        {"meta": meta, "facts": facts, "settings": {"iters": a.iters, "t_rule": a.t_rule, "lr": a.lr},
+        {"meta": meta, "facts": facts, "settings": {"iters": a.iters, "t_rule": a.t_rule, "lr": a.lr,
+                      **({} if a.lr_warmup_iters is None else {"lr_warmup_iters": a.lr_warmup_iters})},
          "rows": [{k: v for k, v in r.items()} for r in rows]}, indent=1))
     print((report_dir / "report.md").read_text())
     print("wrote " + ", ".join(str(w) for w in written))
