@@ -255,12 +255,14 @@ def main(argv=None):
     rows = depth_report.depth_rows(results)
     took = time.time() - start
     computed = sum(computed)
+    lr_warmup = a.lr_warmup_iters if a.lr_warmup_iters is not None else max(1, a.iters // 10)
     meta = {
         "title": a.title, "level": 0.95, "early_step": max(1, a.iters // 6),
         "description": (
             f"{len(results)} runs: depths {', '.join(map(str, sorted(a.depths)))}, seeds {', '.join(map(str, a.seeds))}, "
             f"width {HIDDEN}, batch 16 x {SEQ} tokens, {a.iters} steps ({a.iters * 16 * SEQ:,} tokens) at every depth, "
-            f"lr {a.lr:g} ({a.lr_warmup_iters if a.lr_warmup_iters is not None else max(1, a.iters // 10)} warmup steps) cosine to {a.lr / 10:g}, ProRes linear with T rule `{a.t_rule}`, through Megatron-LM's loop on CPU "
+            f"lr {a.lr:g} ({lr_warmup} warmup steps) cosine to {a.lr / 10:g}, ProRes linear with T rule `{a.t_rule}`, "
+            "through Megatron-LM's loop on CPU "
             f"(one process and one thread per run, {a.jobs} at a time). Validation: {rows and results[0]['val_tokens']:,} "
             f"tokens of held-out documents {facts['val_lo']}–{facts['val_hi'] - 1} of {facts['documents']} "
             f"(`--split {','.join(map(str, SPLIT))}`). Plateau exit: the first step whose 10-step mean training loss is "
