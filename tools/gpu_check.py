@@ -41,7 +41,6 @@ import argparse
 import contextlib
 import importlib.abc
 import importlib.util
-import json
 import os
 import re
 import subprocess
@@ -425,10 +424,14 @@ def check_monitor():
     return False, f"exit {rc}, flags named: {named}; log tail: {log.strip()[-300:]}"
 
 
-def read_monitor(path):
-    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    losses = {r["iteration"]: r["lm_loss"] for r in records if r["kind"] == "step" and not r.get("not_trained")}
-    alphas = {r["iteration"]: r["alpha"] for r in records if r["kind"] == "layers"}
+def monitor_losses_and_alphas(path):
+    """{iteration: loss} and {iteration: alpha per layer} from a run's monitor JSONL (the project's
+    reader, ``monitoring.run_logs.read_monitor``)."""
+    from prores_megatron.monitoring.run_logs import read_monitor
+
+    records = read_monitor(Path(path))
+    losses = {r["iteration"]: r["lm_loss"] for _, r in records["step"] if not r.get("not_trained")}
+    alphas = {r["iteration"]: r["alpha"] for _, r in records["layers"]}
     return losses, alphas
 
 
@@ -449,8 +452,8 @@ def check_resume():
                                   29522))
     if rc != 0:
         return False, f"resume 5..8: exit {rc}\n    {log_tail(log)}"
-    ref_loss, _ = read_monitor(work / "straight.jsonl")
-    got_loss, got_alpha = read_monitor(work / "split2.jsonl")
+    ref_loss, _ = monitor_losses_and_alphas(work / "straight.jsonl")
+    got_loss, got_alpha = monitor_losses_and_alphas(work / "split2.jsonl")
     resumed = list(range(5, 9))
     missing = [i for i in resumed if i not in ref_loss or i not in got_loss or i not in got_alpha]
     if missing:

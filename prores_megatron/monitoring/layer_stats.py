@@ -140,6 +140,17 @@ def summarize(table):
     }
 
 
+def _sum_over_tp_and_pp(sharded, replicated, tp_group, pp_group):
+    """Per-layer totals: tensor-parallel shards summed over TP (replicated parameters count once),
+    then over pipeline stages (each layer lives on one)."""
+    if tp_group is not None and torch.distributed.get_world_size(tp_group) > 1:
+        torch.distributed.all_reduce(sharded, group=tp_group)
+    total = sharded + replicated
+    if pp_group is not None and torch.distributed.get_world_size(pp_group) > 1:
+        torch.distributed.all_reduce(total, group=pp_group)
+    return total
+
+
 def layer_grad_sq(model_chunks, num_layers, pp_group=None, tp_group=None):
     """Per-layer sum of squared gradients over the layer's parameters, as a [L] float64 tensor.
 
@@ -161,12 +172,7 @@ def layer_grad_sq(model_chunks, num_layers, pp_group=None, tp_group=None):
                 sharded[layer.layer_number - 1] += sq
             else:
                 replicated[layer.layer_number - 1] += sq
-    if tp_group is not None and torch.distributed.get_world_size(tp_group) > 1:
-        torch.distributed.all_reduce(sharded, group=tp_group)
-    total = sharded + replicated
-    if pp_group is not None and torch.distributed.get_world_size(pp_group) > 1:
-        torch.distributed.all_reduce(total, group=pp_group)
-    return total
+    return _sum_over_tp_and_pp(sharded, replicated, tp_group, pp_group)
 
 
 def layer_grad_sq_sharded(model_chunks, num_layers, pp_group=None, tp_group=None):
@@ -212,12 +218,7 @@ def layer_grad_sq_sharded(model_chunks, num_layers, pp_group=None, tp_group=None
             torch.distributed.all_reduce(both, group=group)
         sharded += both[0]
         replicated += both[1]
-    if tp_group is not None and torch.distributed.get_world_size(tp_group) > 1:
-        torch.distributed.all_reduce(sharded, group=tp_group)
-    total = sharded + replicated
-    if pp_group is not None and torch.distributed.get_world_size(pp_group) > 1:
-        torch.distributed.all_reduce(total, group=pp_group)
-    return total
+    return _sum_over_tp_and_pp(sharded, replicated, tp_group, pp_group)
 
 
 class _Capture:

@@ -46,13 +46,13 @@ class AlphaLogger:
 
     def __init__(self, args):
         from ..core.schedules import layer_full_step, needs_warmup_steps
-        from .arguments import warmup_length
 
         self.args = args
         self.last_logged = None
         self.interval = getattr(args, "prores_log_interval", None) or args.log_interval
         self.complete_said = False
-        T, self.unit, self.count_name = warmup_length(args)
+        self.T, self.unit, self.count_name = warmup_length(args)
+        T = self.T
         L = args.num_layers
         # The t from which every layer is at alpha = 1; None for a static schedule (nothing changes).
         self.all_on = (max(layer_full_step(args.prores_schedule, l, T, L) for l in range(1, L + 1))
@@ -85,7 +85,7 @@ class AlphaLogger:
         else:
             launch = ""
             if first:
-                T = warmup_length(args)[0]
+                T = self.T
                 unit = "samples" if self.unit == "samples" else "steps"
                 launch = (f"first step of this launch: schedule {args.prores_schedule}, "
                           f"{'S' if self.unit == 'samples' else 'T'} = {'n/a' if T is None else f'{T:g}'} {unit}, "
