@@ -53,6 +53,9 @@ def _fmt(m, h, digits=4):
     return f"{m:.{digits}f}" if math.isnan(h) else f"{m:.{digits}f} ± {h:.{digits}f}"
 
 
+PAIRED_STABILITY = ("clipped_steps", "max_grad_norm_after_10pct", "grad_spike_score")
+
+
 def depth_rows(results):
     """results: list of dicts with depth, seed, variant, val_loss, ... (bench_depth.run_result)."""
     rows = []
@@ -75,6 +78,11 @@ def depth_rows(results):
         row["delta_se"] = max((paired_se(by["prores"][s]["window_losses"], by["baseline"][s]["window_losses"])
                                for s in seeds), default=float("nan"))
         row["wins"] = sum(d < 0 for d in deltas)
+        # Stability, paired by seed like the loss: the seed spread of clipping dwarfs its mean difference.
+        for key in PAIRED_STABILITY:
+            diffs = [by["prores"][s][key] - by["baseline"][s][key] for s in seeds
+                     if by["prores"][s].get(key) is not None and by["baseline"][s].get(key) is not None]
+            row[f"{key}_delta"] = mean_ci(diffs) if diffs else (float("nan"), float("nan"), 0)
         rows.append(row)
     return rows
 
@@ -103,6 +111,16 @@ def _tables(rows, meta):
                             ("grad_spike_score", 2), ("early_loss", 3), ("plateau_exit_step", 0)):
             cells.append(" / ".join(_fmt(*r[f"{v}_{key}"][:2], digits=digits) for v in VARIANTS))
         lines.append(f"| {r['depth']} | " + " | ".join(cells) + " |")
+    lines += ["", "**Paired by seed** (ProRes − baseline, mean ± interval over seeds, with the claim rule's verdict, "
+              "`verdict`):", "",
+              "| layers | seeds | held-out loss | verdict | clipped steps | verdict | max grad norm after 10 % | "
+              "grad-norm spike score % |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        clip = r["clipped_steps_delta"]
+        lines.append(f"| {r['depth']} | {len(r['seeds'])} | {_fmt(*r['delta'][:2])} | {verdict(*r['delta'])} | "
+                     f"{_fmt(*clip[:2], digits=1)} | {verdict(*clip) if clip[2] else '—'} | "
+                     f"{_fmt(*r['max_grad_norm_after_10pct_delta'][:2], digits=2)} | "
+                     f"{_fmt(*r['grad_spike_score_delta'][:2], digits=2)} |")
     return lines
 
 
@@ -230,6 +248,8 @@ MIN_SEEDS_FOR_CLAIM = 8  # docs/benchmarks.md §5: the project's rule for a qual
 def verdict(mean: float, half: float, n: int) -> str:
     """What an effect over seeds allows us to say (ProRes − baseline, negative = ProRes better): a
     direction only with at least MIN_SEEDS_FOR_CLAIM seeds and a 95 % interval that excludes 0."""
+    if math.isnan(half):
+        return f"no interval from {n} seed{'s' if n != 1 else ''}"
     if mean - half <= 0 <= mean + half:
         return f"not distinguishable from seed spread ({n} seeds; the 95 % interval contains 0)"
     if n < MIN_SEEDS_FOR_CLAIM:
@@ -256,6 +276,12 @@ def demo_summary(prores: dict, baseline: dict, benchmark: dict, depth: int, sett
                      "the run-to-run spread across seeds is usually larger than the standard error above.")
         return lines
     m, h, n = row["delta"]
+    if n < MIN_SEEDS_FOR_CLAIM:
+        # The project quotes no multi-seed figure resting on fewer seeds than a claim needs.
+        lines.append(f"benchmarks/bench_depth.py has measured this recipe at {depth} layers on {n} seeds only, fewer "
+                     f"than the {MIN_SEEDS_FOR_CLAIM} the project quotes a multi-seed figure from; the run-to-run "
+                     "spread across seeds is usually larger than the standard error above.")
+        return lines
     wins = row["wins"]
     lines.append(f"Benchmark (benchmarks/bench_depth.py, same recipe, {n} seeds at {depth} layers): ProRes - baseline "
                  f"{m:+.4f} ± {h:.4f} (95 % interval over seeds; per seed "

@@ -109,6 +109,7 @@ def test_shortened_sweep_writes_tables_and_figures(short_demo, tmp_path, capsys)
         p = next(r for r in results if r["depth"] == depth and r["variant"] == "prores")
         b = next(r for r in results if r["depth"] == depth and r["variant"] == "baseline")
         assert row["delta"][0] == pytest.approx(p["val_loss"] - b["val_loss"], abs=1e-12)
+        assert row["clipped_steps_delta"][:3:2] == (p["clipped_steps"] - b["clipped_steps"], 1)
     for name in ("val_loss_vs_depth", "delta_vs_depth", "activation_norm_depth", "train_loss_curves"):
         png = out / "report" / f"{name}.png"
         assert _png_size(png) == depth_report.FIGURE_SIZE
@@ -124,25 +125,47 @@ def test_shortened_sweep_writes_tables_and_figures(short_demo, tmp_path, capsys)
     assert "0.0 min of run time computed now" in capsys.readouterr().out
 
 
+def test_stability_is_paired_by_seed():
+    def run(seed, variant, loss, clipped):
+        return {"depth": 8, "seed": seed, "variant": variant, "val_loss": loss, "val_se": 0.01,
+                "window_losses": [loss, loss + 0.1], "clipped_steps": clipped, "max_grad_norm_after_10pct": 1.0,
+                "grad_spike_score": 0.0}
+    # Clipped steps 10/30/50 (ProRes) against 14/33/56: paired differences -4, -3, -6 (mean -13/3,
+    # sd 1.5275); unpaired, the spread between seeds (±20) would hide them.
+    results = [run(s, "prores", 6.0, c) for s, c in ((1, 10), (2, 30), (3, 50))] + [
+        run(s, "baseline", 6.1, c) for s, c in ((1, 14), (2, 33), (3, 56))]
+    (row,) = depth_report.depth_rows(results)
+    m, h, n = row["clipped_steps_delta"]
+    assert n == 3 and m == pytest.approx(-13 / 3) and h == pytest.approx(4.302653 * 1.527525 / 3 ** 0.5, rel=1e-5)
+    assert row["max_grad_norm_after_10pct_delta"][:2] == (0.0, 0.0)
+    table = "\n".join(depth_report._tables([row], {"level": 0.95, "early_step": 50}))
+    assert "| 8 | 3 | -0.1000 ± 0.0000 | no claim: the interval excludes 0 but rests on 3 seeds" in table
+    assert "-4.3 ± 3.8 | no claim" in table
+
+
 @pytest.mark.parametrize("mean, half, n, said", [
     (-0.135, 0.202, 3, "not distinguishable from seed spread (3 seeds"),  # the old 64-layer "regime"
     (+0.042, 0.042, 12, "not distinguishable"),  # an interval that touches 0 contains it
     (-0.20, 0.10, 3, "no claim: the interval excludes 0 but rests on 3 seeds"),
     (-0.20, 0.10, 8, "ProRes better (8 seeds"),
     (+0.30, 0.10, 10, "ProRes worse (10 seeds"),
+    (-0.20, float("nan"), 1, "no interval from 1 seed"),
 ])
 def test_quality_verdict_follows_the_claim_rule(mean, half, n, said):
     assert depth_report.verdict(mean, half, n).startswith(said)
 
 
-def test_demo_summary_makes_no_claim_from_three_seeds():
+def test_demo_summary_quotes_no_figure_from_three_seeds():
     prores = {"val_loss": 6.10, "val_se": 0.02, "val_tokens": 1000, "window_losses": [6.0, 6.2, 6.1]}
     baseline = {"val_loss": 6.15, "val_se": 0.02, "val_tokens": 1000, "window_losses": [6.05, 6.25, 6.15]}
-    bench = {"settings": {"lr": 3e-3}, "rows": [{"depth": 48, "delta": [-0.05, 0.41, 3], "wins": 2,
-                                                  "deltas": [-0.05, -0.21, 0.12]}], "controls": []}
+    bench = {"settings": {"lr": 3e-3}, "rows": [{"depth": 48, "delta": [-0.31, 0.27, 3], "wins": 3,
+                                                  "deltas": [-0.07, -0.25, -0.53]}], "controls": []}
     lines = depth_report.demo_summary(prores, baseline, bench, 48, {"lr": 3e-3})
     text = "\n".join(lines)
-    assert "ProRes - baseline: -0.0500" in text and "not distinguishable from seed spread (3 seeds" in text
+    # This run's own difference, by hand: 6.10 - 6.15; paired windows differ by 0.05 each, so SE 0.
+    assert "ProRes - baseline: -0.0500 (standard error of this difference on these tokens 0.0000)" in text
+    assert "on 3 seeds only, fewer than the 8" in text
+    assert "-0.31" not in text and "0.27" not in text and "-0.530" not in text  # the 3-seed figures stay out
     assert "better" not in text.replace("negative = ProRes better", "")
 
 
@@ -167,4 +190,9 @@ def test_pooled_seeds_give_the_interval_over_all_of_them(tmp_path):
     prores = {"val_loss": 6.1, "val_se": 0.01, "val_tokens": 10, "window_losses": [6.1, 6.2]}
     baseline = {"val_loss": 6.0, "val_se": 0.01, "val_tokens": 10, "window_losses": [6.0, 6.1]}
     text = "\n".join(depth_report.demo_summary(prores, baseline, {**base, "pooled": [row]}, 48, settings))
-    assert "3 seeds at 48 layers" in text and "+0.1000 ± 0.4968" in text
+    assert "on 3 seeds only" in text and "0.4968" not in text  # 3 seeds: pooled, but below the quoting rule
+    eight = {"settings": settings, "rows": [{"depth": 48, "seeds": [3, 4, 5, 6, 7, 8], "deltas": [0.1] * 6}]}
+    row8 = pool_seeds.pool(base, [("eight", eight)], 48, [])
+    # By hand: deltas -0.1, 0.1 and six 0.1: mean 0.075, sd 0.0707107 (sum of squares 0.04 / 7), t(0.975, 7) 2.364624.
+    text = "\n".join(depth_report.demo_summary(prores, baseline, {**base, "pooled": [row8]}, 48, settings))
+    assert "8 seeds at 48 layers" in text and f"+0.0750 ± {2.364624 * 0.0707107 / 8 ** 0.5:.4f}" in text
