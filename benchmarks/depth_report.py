@@ -53,7 +53,13 @@ def _fmt(m, h, digits=4):
     return f"{m:.{digits}f}" if math.isnan(h) else f"{m:.{digits}f} ± {h:.{digits}f}"
 
 
-PAIRED_STABILITY = ("clipped_steps", "max_grad_norm_after_10pct", "grad_spike_score")
+# Per-run quantities compared seed by seed: name -> how to read it from a run's result.
+PAIRED_STABILITY = {
+    "clipped_steps": lambda r: r.get("clipped_steps"),
+    "max_grad_norm_after_10pct": lambda r: r.get("max_grad_norm_after_10pct"),
+    "grad_spike_score": lambda r: r.get("grad_spike_score"),
+    "last_layer_norm": lambda r: r["resid_norm"][-1] if r.get("resid_norm") else None,  # the paper's Fig. 3
+}
 
 
 def depth_rows(results):
@@ -79,9 +85,9 @@ def depth_rows(results):
                                for s in seeds), default=float("nan"))
         row["wins"] = sum(d < 0 for d in deltas)
         # Stability, paired by seed like the loss: the seed spread of clipping dwarfs its mean difference.
-        for key in PAIRED_STABILITY:
-            diffs = [by["prores"][s][key] - by["baseline"][s][key] for s in seeds
-                     if by["prores"][s].get(key) is not None and by["baseline"][s].get(key) is not None]
+        for key, read in PAIRED_STABILITY.items():
+            pairs = [(read(by["prores"][s]), read(by["baseline"][s])) for s in seeds]
+            diffs = [a - b for a, b in pairs if a is not None and b is not None]
             row[f"{key}_delta"] = mean_ci(diffs) if diffs else (float("nan"), float("nan"), 0)
         rows.append(row)
     return rows
@@ -114,13 +120,14 @@ def _tables(rows, meta):
     lines += ["", "**Paired by seed** (ProRes − baseline, mean ± interval over seeds, with the claim rule's verdict, "
               "`verdict`):", "",
               "| layers | seeds | held-out loss | verdict | clipped steps | verdict | max grad norm after 10 % | "
-              "grad-norm spike score % |", "|---|---|---|---|---|---|---|---|"]
+              "grad-norm spike score % | last-layer activation norm |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         clip = r["clipped_steps_delta"]
         lines.append(f"| {r['depth']} | {len(r['seeds'])} | {_fmt(*r['delta'][:2])} | {verdict(*r['delta'])} | "
                      f"{_fmt(*clip[:2], digits=1)} | {verdict(*clip) if clip[2] else '—'} | "
                      f"{_fmt(*r['max_grad_norm_after_10pct_delta'][:2], digits=2)} | "
-                     f"{_fmt(*r['grad_spike_score_delta'][:2], digits=2)} |")
+                     f"{_fmt(*r['grad_spike_score_delta'][:2], digits=2)} | "
+                     f"{_fmt(*r['last_layer_norm_delta'][:2], digits=1)} |")
     return lines
 
 

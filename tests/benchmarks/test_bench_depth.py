@@ -129,7 +129,7 @@ def test_stability_is_paired_by_seed():
     def run(seed, variant, loss, clipped):
         return {"depth": 8, "seed": seed, "variant": variant, "val_loss": loss, "val_se": 0.01,
                 "window_losses": [loss, loss + 0.1], "clipped_steps": clipped, "max_grad_norm_after_10pct": 1.0,
-                "grad_spike_score": 0.0}
+                "grad_spike_score": 0.0, "resid_norm": [1.0, clipped / 2]}
     # Clipped steps 10/30/50 (ProRes) against 14/33/56: paired differences -4, -3, -6 (mean -13/3,
     # sd 1.5275); unpaired, the spread between seeds (±20) would hide them.
     results = [run(s, "prores", 6.0, c) for s, c in ((1, 10), (2, 30), (3, 50))] + [
@@ -138,6 +138,7 @@ def test_stability_is_paired_by_seed():
     m, h, n = row["clipped_steps_delta"]
     assert n == 3 and m == pytest.approx(-13 / 3) and h == pytest.approx(4.302653 * 1.527525 / 3 ** 0.5, rel=1e-5)
     assert row["max_grad_norm_after_10pct_delta"][:2] == (0.0, 0.0)
+    assert row["last_layer_norm_delta"][0] == pytest.approx(-13 / 6)  # the last entry of resid_norm, paired
     table = "\n".join(depth_report._tables([row], {"level": 0.95, "early_step": 50}))
     assert "| 8 | 3 | -0.1000 ± 0.0000 | no claim: the interval excludes 0 but rests on 3 seeds" in table
     assert "-4.3 ± 3.8 | no claim" in table
