@@ -109,7 +109,7 @@ def test_shortened_sweep_writes_tables_and_figures(short_demo, tmp_path, capsys)
         p = next(r for r in results if r["depth"] == depth and r["variant"] == "prores")
         b = next(r for r in results if r["depth"] == depth and r["variant"] == "baseline")
         assert row["delta"][0] == pytest.approx(p["val_loss"] - b["val_loss"], abs=1e-12)
-        assert row["clipped_steps_delta"][:3:2] == (p["clipped_steps"] - b["clipped_steps"], 1)
+        assert list(row["clipped_steps_delta"][:3:2]) == [p["clipped_steps"] - b["clipped_steps"], 1]
     for name in ("val_loss_vs_depth", "delta_vs_depth", "activation_norm_depth", "train_loss_curves"):
         png = out / "report" / f"{name}.png"
         assert _png_size(png) == depth_report.FIGURE_SIZE
