@@ -40,7 +40,8 @@ def test_the_demo_depth_is_measured_and_pooled():
     assert DEMO_DEPTH in {r["depth"] for r in BENCH["pooled"]}
 
 
-@pytest.mark.parametrize("row", BENCH["rows"] + BENCH["pooled"], ids=lambda r: str(r["depth"]))
+@pytest.mark.parametrize("row", BENCH["rows"] + BENCH["pooled"],
+                         ids=[f"{r['depth']}-layers-{len(r['seeds'])}-seeds" for r in BENCH["rows"] + BENCH["pooled"]])
 def test_stored_interval_matches_its_seeds_and_the_documents(row):
     m, h, n = interval(row["deltas"])
     assert row["delta"][0] == pytest.approx(m, abs=1e-12) and row["delta"][1] == pytest.approx(h, rel=1e-9)
