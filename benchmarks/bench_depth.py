@@ -46,6 +46,11 @@ CLIP_GRAD = 1.0
 _print_lock = threading.Lock()
 
 
+def lr_warmup_steps(iters: int, given=None) -> int:
+    """The learning-rate warmup of a run: ``--lr-warmup-iters`` when given, else a tenth of the run."""
+    return given if given is not None else max(1, iters // 10)
+
+
 def say(msg):
     with _print_lock:
         print(msg, flush=True)
@@ -101,7 +106,7 @@ def train_command(s, run_dir: Path, data: Path, python: str):
         # digits), at a third fewer kernel launches per step on one thread.
         "--micro-batch-size", "16", "--global-batch-size", "16", "--train-iters", str(n), "--seed", str(s["seed"]),
         "--lr", repr(s["lr"]), "--min-lr", repr(s["min_lr"]), "--lr-decay-style", "cosine",
-        "--lr-warmup-iters", str(s.get("lr_warmup_iters", max(1, n // 10))),
+        "--lr-warmup-iters", str(lr_warmup_steps(n, s.get("lr_warmup_iters"))),
         "--weight-decay", "0.1", "--adam-beta1", "0.9", "--adam-beta2", "0.95", "--clip-grad", repr(CLIP_GRAD),
         "--distributed-backend", "gloo", "--transformer-impl", "local", "--use-cpu-initialization", "--num-workers", "0",
         "--no-rope-fusion", "--no-persist-layer-norm", "--no-gradient-accumulation-fusion",
@@ -258,7 +263,7 @@ def main(argv=None):
     rows = depth_report.depth_rows(results)
     took = time.time() - start
     computed = sum(computed)
-    lr_warmup = a.lr_warmup_iters if a.lr_warmup_iters is not None else max(1, a.iters // 10)
+    lr_warmup = lr_warmup_steps(a.iters, a.lr_warmup_iters)
     meta = {
         "title": a.title, "level": 0.95, "early_step": max(1, a.iters // 6),
         "description": (
