@@ -17,6 +17,7 @@ from scipy.stats import t as student_t
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 BENCH = json.loads((RESULTS / "bench_depth.json").read_text())
+CONFIRM = json.loads((RESULTS / "confirm" / "summary.json").read_text())  # the unseen-seed reruns
 README = (ROOT / "README.md").read_text()
 DOC = (ROOT / "docs" / "benchmarks.md").read_text()
 DEMO_DEPTH = 48  # examples/scripts/demo_cpu.sh's NUM_LAYERS default
@@ -70,3 +71,15 @@ def test_every_relative_link_in_the_documents_resolves():
             if not target.startswith(("http://", "https://", "mailto:")) and not (doc.parent / target).exists():
                 missing.append(f"{doc.relative_to(ROOT)} -> {target}")
     assert not missing, missing
+
+
+@pytest.mark.parametrize("row", CONFIRM["rows"], ids=[f"{r['depth']}-layers-unseen" for r in CONFIRM["rows"]])
+def test_confirmation_rows_are_unseen_and_quoted(row):
+    """The confirmation's seeds are new to the main sweep and to the first study; its figures are the published ones."""
+    fresh = next(r for r in BENCH["rows"] if r["depth"] == row["depth"])
+    pooled = next(r for r in BENCH["pooled"] if r["depth"] == row["depth"])
+    assert len(row["seeds"]) >= 8 and not set(row["seeds"]) & (set(fresh["seeds"]) | set(pooled["seeds"]))
+    assert CONFIRM["settings"] == BENCH["settings"]
+    m, h, _ = interval(row["deltas"])
+    assert row["delta"][0] == pytest.approx(m, abs=1e-12) and row["delta"][1] == pytest.approx(h, rel=1e-9)
+    assert f"{m:+.3f} ± {h:.3f}" in DOC
